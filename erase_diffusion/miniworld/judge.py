@@ -16,7 +16,7 @@ HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "style": STYLES}
 
 
 class Judge(nn.Module, PyTorchModelHubMixin):
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 16):
         super().__init__()
 
         def block(cin, cout):

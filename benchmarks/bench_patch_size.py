@@ -1,0 +1,91 @@
+"""Patch size versus delivering a whole text encoder, and fingerprint speed, on a CLIP-L-sized text encoder.
+
+Random weights with the real CLIP-L config (hidden 768, 12 layers, 12 heads, MLP 3072, vocab 49408); a rank-8 patch
+on q/k/v/out of every layer. Prints a table and writes benchmarks/results/patch_size.json.
+
+    python benchmarks/bench_patch_size.py [--rank 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from erase_diffusion.patch import LoraFactors, describe_patch, fingerprint, load_patch, save_patch
+
+FULL_ENCODER_BYTES = 0.49e9  # AdvUnlearn ships a whole fp32 CLIP-L text encoder (~0.49 GB)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "patch_size.json"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                         vocab_size=49408, max_position_embeddings=77, projection_dim=768)
+    te = CLIPTextModel(cfg).eval()
+    encoder_params = sum(p.numel() for p in te.parameters())
+    core = getattr(te, "text_model", te)
+    layers = {}
+    for i, layer in enumerate(core.encoder.layers):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            lin = getattr(layer.self_attn, proj)
+            layers[f"text_model.encoder.layers.{i}.self_attn.{proj}"] = LoraFactors(
+                A=torch.randn(args.rank, lin.in_features) * 0.01, B=torch.randn(lin.out_features, args.rank) * 0.01)
+
+    fingerprint(te)  # warm-up
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fp = fingerprint(te)
+        times.append(time.perf_counter() - t0)
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in (torch.float32, torch.float16):
+            lay = {m: LoraFactors(f.A.to(dtype), f.B.to(dtype)) for m, f in layers.items()}
+            path = Path(tmp) / f"patch_{str(dtype).split('.')[-1]}.safetensors"
+            t0 = time.perf_counter()
+            save_patch(path, {"text_encoder": lay}, method="benchmark", settings={"rank": args.rank}, erased=["x"],
+                       protected=[], base_model="clip-l-sized-random", fingerprints={"text_encoder": fp})
+            t_save = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            load_patch(path)
+            t_load = time.perf_counter() - t0
+            d = describe_patch(path)
+            rows[str(dtype).split(".")[-1]] = {
+                "parameters": d["parameters"], "bytes": d["size_bytes"],
+                "fraction_of_full_encoder": d["size_bytes"] / FULL_ENCODER_BYTES,
+                "times_smaller": FULL_ENCODER_BYTES / d["size_bytes"], "save_s": t_save, "load_validate_s": t_load,
+            }
+    result = {
+        "config": {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072, "vocab": 49408,
+                   "rank": args.rank, "targets": "q/k/v/out_proj, all 12 layers", "modules": len(layers)},
+        "text_encoder_parameters": encoder_params,
+        "full_encoder_bytes_reference": FULL_ENCODER_BYTES,
+        "patch": rows,
+        "fingerprint": {"value": fp, "seconds_best_of_3": min(times), "seconds_all": times},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    print(f"CLIP-L-sized text encoder: {encoder_params:,} parameters; rank-{args.rank} patch on {len(layers)} modules")
+    print(f"{'dtype':<8} {'params':>10} {'bytes':>12} {'vs 0.49 GB':>11} {'smaller':>9} {'save s':>7} {'load s':>7}")
+    for k, r in rows.items():
+        print(f"{k:<8} {r['parameters']:>10,} {r['bytes']:>12,} {r['fraction_of_full_encoder']:>10.4%} "
+              f"{r['times_smaller']:>8.0f}x {r['save_s']:>7.3f} {r['load_validate_s']:>7.3f}")
+    print(f"fingerprint {fp}: {min(times) * 1000:.1f} ms (best of 3)")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Measurements every feature is judged by, on the miniature world:
+
+- ``zero_shot_accuracy``: CLIP zero-shot accuracy per class on held-out images (prompt ensemble);
+- ``eval_prompts`` + ``generate`` + ``judge_generations``: a fixed, seeded prompt set, generations from it with
+  per-prompt seeds (so base and patched pipelines see identical latents), and the judge's verdict per prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .miniworld import domain
+
+HELD_OUT_SEED = 10_000  # the build trains on seed 0; held-out images come from another stream
+
+
+def held_out_dataset(n: int = 1152, seed: int = HELD_OUT_SEED) -> domain.Dataset:
+    return domain.make_dataset(n, seed=seed, synonym_p=0.0)
+
+
+def class_prompts(attribute: str, value: str) -> list[str]:
+    """Prompt ensemble for one class: every caption of it over the other two attributes."""
+    shapes = [value] if attribute == "shape" else domain.SHAPES
+    colours = [value] if attribute == "colour" else list(domain.COLOURS)
+    styles = [value] if attribute == "style" else domain.STYLES
+    return [domain.with_articles(f"a {st} {c} {s}") for s in shapes for c in colours for st in styles]
+
+
+def classes(attribute: str) -> tuple[str, ...]:
+    return {"shape": domain.SHAPES, "colour": tuple(domain.COLOURS), "style": domain.STYLES}[attribute]
+
+
+@torch.no_grad()
+def text_embeddings(model, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tok = tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt").to(model.device)
+        out.append(F.normalize(model.get_text_features(**tok), dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, data: domain.Dataset, attribute: str = "shape") -> dict[str, float]:
+    """Accuracy per class of ``attribute`` (plus "all"), classifying held-out images among all classes."""
+    names = classes(attribute)
+    class_emb = torch.stack(
+        [F.normalize(text_embeddings(model, tokenizer, class_prompts(attribute, c)).mean(0), dim=-1) for c in names]
+    )
+    img = torch.cat(
+        [F.normalize(model.get_image_features(pixel_values=data.float_images(slice(i, i + 256)).to(model.device)), dim=-1)
+         for i in range(0, len(data), 256)]
+    )
+    pred = (img @ class_emb.T).argmax(-1).cpu()
+    truth = getattr(data, attribute)
+    acc = {c: (pred[truth == k] == k).float().mean().item() for k, c in enumerate(names)}
+    acc["all"] = (pred == truth).float().mean().item()
+    return acc
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    prompt: str
+    shape: str
+    colour: str
+    style: str | None  # None: the prompt does not name a style
+    shape_word: str  # the word used for the shape (the class name or a paraphrase)
+
+
+def eval_prompts(shapes=domain.SHAPES, per_pair: int = 4, seed: int = 0, paraphrase: bool = False) -> list[PromptCase]:
+    """Fixed, seeded prompts: every shape × colour, ``per_pair`` times with a random template and style.
+
+    ``paraphrase=True`` names each shape by one of its synonyms instead (shapes without synonyms are skipped).
+    """
+    rng = random.Random(seed)
+    cases = []
+    for s in shapes:
+        words = domain.SYNONYMS.get(s, ()) if paraphrase else (s,)
+        for c in domain.COLOURS:
+            for _ in range(per_pair if words else 0):
+                style = rng.choice(domain.STYLES)
+                template = rng.choice(domain.TEMPLATES)
+                word = rng.choice(words)
+                text = domain.with_articles(template.format(style=style, colour=c, shape=word))
+                cases.append(PromptCase(text, s, c, style if "{style}" in template else None, word))
+    return cases
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 7.5,
+             batch_size: int = 64, **kwargs) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1]; prompt i always uses seed ``seed + i``, whatever the batching."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
+        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                      output_type="pt", **kwargs).images
+        out.append(images * 2 - 1)
+    return torch.cat(out).float().cpu()
+
+
+def judge_generations(judge, images: torch.Tensor, cases: list[PromptCase]) -> dict:
+    """Share of generations whose judged shape / colour / style equals the prompted one (style where named)."""
+    labels = judge.label(images)
+    shapes = [domain.SHAPES[k] for k in labels["shape"].tolist()]
+    colours = [list(domain.COLOURS)[k] for k in labels["colour"].tolist()]
+    styles = [domain.STYLES[k] for k in labels["style"].tolist()]
+    styled = [i for i, c in enumerate(cases) if c.style is not None]
+    result = {
+        "n": len(cases),
+        "shape": sum(s == c.shape for s, c in zip(shapes, cases)) / len(cases),
+        "colour": sum(col == c.colour for col, c in zip(colours, cases)) / len(cases),
+        "style": sum(styles[i] == cases[i].style for i in styled) / max(1, len(styled)),
+        "shape_per_class": {},
+        "judged_shapes": shapes,
+    }
+    for s in sorted({c.shape for c in cases}):
+        idx = [i for i, c in enumerate(cases) if c.shape == s]
+        result["shape_per_class"][s] = sum(shapes[i] == s for i in idx) / len(idx)
+    return result
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int = 8) -> Path:
+    """A PNG grid of images in [-1, 1], written atomically."""
+    from PIL import Image
+
+    n = len(images)
+    rows = (n + columns - 1) // columns
+    h, w = images.shape[-2:]
+    canvas = torch.zeros(3, rows * h, columns * w)
+    for k, im in enumerate(images):
+        r, c = divmod(k, columns)
+        canvas[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = im
+    arr = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(arr).save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def add_cli_arguments(parser, command: str) -> None:
+    parser.add_argument("prompts", nargs="*", help="prompts (default: the fixed evaluation prompt set)")
+    parser.add_argument("--pretrained_model_name_or_path", default="miniworld")
+    parser.add_argument("--patch", action="append", default=[], help="patch file(s) to load (repeatable)")
+    parser.add_argument("--strength", action="append", type=float, default=[], help="strength per patch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--output", default="outputs/samples.png", help="PNG grid to write")
+
+
+def cli_main(args) -> int:
+    from .models import load_judge, load_pipeline
+
+    if args.steps < 1 or args.steps > 200:
+        raise ValueError("--steps must be between 1 and 200")
+    pipe = load_pipeline(args.pretrained_model_name_or_path)
+    if args.patch:
+        from .pipelines.loading import load_patches
+
+        load_patches(pipe, args.patch, args.strength or 1.0)
+    cases = None if args.prompts else eval_prompts(per_pair=1)
+    prompts = args.prompts or [c.prompt for c in cases]
+    images = generate(pipe, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    print(f"wrote {save_grid(images, args.output)}")
+    if cases is not None and args.pretrained_model_name_or_path == "miniworld":
+        verdict = judge_generations(load_judge(), images, cases)
+        verdict.pop("judged_shapes")
+        print(json.dumps(verdict, indent=2))
+    return 0
+
+
+def as_dict(case: PromptCase) -> dict:
+    return asdict(case)

@@ -1,0 +1,556 @@
+"""Data-free, closed-form concept erasure: concept names in, a small LoRA patch out; no images, no gradient steps.
+
+Two targets, one idea (``reference/methods.md`` §2):
+
+``target="clip"`` (zero-shot classification / retrieval)
+    The nullspace projection of *Erasing CLIP Memories* (arXiv 2512.14137), as reconstructed in methods.md §2.3–2.4.
+    Forget-class text embeddings (template ensemble, one column per name and paraphrase) → orthonormal basis U, made
+    orthogonal to the retained classes' embeddings first (variant (a)), → ``visual_projection`` ← (I − α U Uᵀ) W.
+    Image features lose their component along the forget classes; every retained class embedding t_r satisfies
+    ⟨P z, t_r⟩ = ⟨z, t_r⟩ exactly, so retained logits (before the image-norm rescale) do not move.
+    Shipped as LoRA factors B = −α U, A = Uᵀ W on component ``"clip"``.
+
+``target="pipeline"`` (Stable Diffusion reads the 77 per-token hidden states, not the projection)
+    A ridge-regression edit of one MLP ``fc2`` inside the text encoder (the last layer for SD 1.x/2.x, the layer SDXL
+    reads — the penultimate one — for both SDXL encoders), restricted to the orthogonal complement of the protected
+    prompts' fc2 inputs:
+
+        K_p  fc2 inputs of every token (all 77) of every protected prompt     → Q_p, orthonormal basis of span(K_p)
+        K_c  fc2 inputs of every token of every concept prompt (templates × fillers × concept and paraphrases)
+        R    wanted change of the read hidden state at those tokens (zero before the concept word)
+        K̃ = (I − Q_p Q_pᵀ) K_c,   ΔW = R K̃ᵀ (K̃ K̃ᵀ + λ I)⁻¹,   then ΔW ← ΔW (I − Q_p Q_pᵀ)
+
+    so ΔW K_p = 0: the protected prompts' conditioning is unchanged by construction (checked numerically).
+    R is either ``mode="anchor"`` (default): the read state of the token-aligned prompt with the anchor word in place
+    of the concept, minus the concept prompt's state, or ``mode="project"``: minus the component of the state along
+    the concept's own subspace (relative to the protected words' mean). Because the edited layer's output *is* the
+    read state (plus a residual connection), the change is linear in ΔW: strength α gives exactly α of the way.
+    ΔW ships as LoRA factors of its numerical rank (or ``rank``), plus a zero-factor entry on the same layer's
+    ``self_attn.out_proj`` because diffusers refuses text-encoder LoRA files without an attention projection
+    (ecosystem.md §2.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# Generic prompt templates for real models; the miniature world uses its own caption templates and fillers.
+GENERIC_TEMPLATES = (
+    "{}",
+    "a photo of a {}",
+    "a painting of a {}",
+    "a picture of a {}",
+    "an image of a {}",
+    "a drawing of a {}",
+    "a close-up photo of a {}",
+    "a photo of the {}",
+    "a rendering of a {}",
+    "a sketch of a {}",
+    "a good photo of a {}",
+    "a bright photo of a {}",
+)
+MINIWORLD_ANCHOR = "shape"
+GENERIC_ANCHOR = ""
+# a concept whose target needs more than this fraction of the hidden width (99 % of the energy) is refused
+MAX_RANK_FRACTION = 0.5
+MAX_CLIP_RANK_FRACTION = 0.25
+# the protected span leaves less than this fraction of the concept's (non-prefix) activation energy
+MIN_FREE_ENERGY = 1e-4
+CHECK_TOL = 1e-4
+
+
+def clip_core(text_encoder):
+    """The module owning embeddings / encoder / final_layer_norm, on both transformers layouts."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
+# ----------------------------------------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts are (before, after) pairs around a word slot: prompt = before + word + after.
+
+    ``miniworld``: the domain's caption templates × colours × styles; otherwise ``templates`` ("{}" is the slot)."""
+
+    templates: tuple[str, ...] = GENERIC_TEMPLATES
+    miniworld: bool = False
+
+    def frames(self) -> list[tuple[str, str]]:
+        if not self.miniworld:
+            out = []
+            for t in self.templates:
+                if t.count("{}") != 1:
+                    raise ValueError(f"prompt template {t!r} must contain exactly one '{{}}' slot")
+                before, after = t.split("{}")
+                out.append((before, after))
+            return out
+        from .miniworld.domain import COLOURS, STYLE_WORDS, TEMPLATES, with_articles
+
+        seen, out = set(), []
+        for t in TEMPLATES:
+            for colour in COLOURS:
+                for style in STYLE_WORDS.values():
+                    text = with_articles(t.format(style=style, colour=colour, shape="\0"))
+                    if text not in seen:
+                        seen.add(text)
+                        before, after = text.split("\0")
+                        out.append((before, after))
+        return out
+
+
+def is_miniworld(model: str) -> bool:
+    from .models import BUNDLED, MINIWORLD_DIR
+
+    if model in BUNDLED:
+        return True
+    try:
+        return Path(model).expanduser().resolve().is_relative_to(MINIWORLD_DIR.resolve())
+    except OSError:
+        return False
+
+
+def default_synonyms(concepts: list[str], miniworld: bool) -> dict[str, tuple[str, ...]]:
+    if not miniworld:
+        return {}
+    from .miniworld.domain import SYNONYMS
+
+    return {c: tuple(SYNONYMS.get(c, ())) for c in concepts}
+
+
+def _validate(concepts, protect, synonyms):
+    concepts = [str(c).strip() for c in concepts]
+    protect = [str(p).strip() for p in (protect or [])]
+    if not concepts:
+        raise ValueError("no concept given: name at least one concept to erase")
+    if any(not c for c in concepts):
+        raise ValueError("empty concept name: every concept must be a non-empty word or phrase")
+    if any(not p for p in protect):
+        raise ValueError("empty protected concept name")
+    both = sorted({c.lower() for c in concepts} & {p.lower() for p in protect})
+    if both:
+        raise ValueError(f"concept(s) {both} are both erased and protected; remove them from --protect")
+    words = {c.lower() for c in concepts} | {w.lower() for c in concepts for w in synonyms.get(c, ())}
+    clash = sorted(words & {p.lower() for p in protect})
+    if clash:
+        raise ValueError(f"protected concept(s) {clash} are paraphrases of an erased concept")
+    return concepts, protect
+
+
+# ----------------------------------------------------------------------------------------------- text-encoder probes
+def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids) if text.strip() else 0
+
+
+@torch.no_grad()
+def _run_encoder(text_encoder, input_ids: torch.Tensor, layer: int, batch: int = 256):
+    """(fc2 inputs of ``layer``, read hidden states after ``layer``) for every token: (N, T, inter), (N, T, hidden).
+
+    The read state is the residual stream right after ``layer`` (before any final LayerNorm)."""
+    fc2 = clip_core(text_encoder).encoder.layers[layer].mlp.fc2
+    keys, reads, grab = [], [], {}
+    handle = fc2.register_forward_hook(lambda m, inp, out: grab.__setitem__("k", inp[0]))
+    try:
+        for i in range(0, len(input_ids), batch):
+            out = text_encoder(input_ids[i : i + batch].to(text_encoder.device), output_hidden_states=True)
+            keys.append(grab["k"].float().cpu())
+            reads.append(out.hidden_states[layer + 1].float().cpu())
+    finally:
+        handle.remove()
+    return torch.cat(keys), torch.cat(reads)
+
+
+def read_layer_index(text_encoder, penultimate: bool) -> int:
+    n = text_encoder.config.num_hidden_layers
+    return n - 2 if penultimate else n - 1
+
+
+@torch.no_grad()
+def conditioning(text_encoder, tokenizer, prompts: list[str], penultimate: bool = False) -> torch.Tensor:
+    """The token states a pipeline reads: last layer + final LayerNorm (SD 1.x/2.x) or the penultimate layer (SDXL)."""
+    out = text_encoder(_tokenize(tokenizer, prompts).to(text_encoder.device), output_hidden_states=True)
+    return out.hidden_states[-2] if penultimate else out.last_hidden_state
+
+
+def _aligned_positions(s: int, n: int, m: int, length: int) -> list[int]:
+    """Map each position of the concept prompt (concept word at [s, s+n)) to the anchor prompt (anchor at [s, s+m))."""
+    pos = []
+    for t in range(length):
+        if t < s:
+            pos.append(t)
+        elif t < s + n:
+            pos.append(s + max(0, m - n + (t - s)) if m else s)
+        else:
+            pos.append(t + m - n)
+    return [min(max(p, 0), length - 1) for p in pos]
+
+
+@dataclass
+class EncoderEdit:
+    """One fc2 edit of one text encoder, plus what was measured while building it."""
+
+    layer: int
+    delta: torch.Tensor  # (out, in), already scaled by the strength
+    stats: dict = field(default_factory=dict)
+
+
+def _orth_basis(K: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Orthonormal basis (d, k) of the column span of K (d, N), float64, singular values above rtol · σ_max."""
+    K = K.double()
+    d, n = K.shape
+    if n <= d:
+        U, S, _ = torch.linalg.svd(K, full_matrices=False)
+    else:  # Gram form: d × d eigenproblem instead of an SVD of a d × N matrix
+        evals, U = torch.linalg.eigh(K @ K.T)
+        order = evals.argsort(descending=True)
+        S, U = evals[order].clamp_min(0).sqrt(), U[:, order]
+    if S.numel() == 0 or S[0] == 0:
+        return K.new_zeros(d, 0)
+    return U[:, S > rtol * S[0]]
+
+
+def encoder_edit(
+    text_encoder,
+    tokenizer,
+    concepts: list[str],
+    protect: list[str],
+    *,
+    synonyms: dict | None = None,
+    prompts: PromptSet = PromptSet(),
+    anchor: str | None = GENERIC_ANCHOR,
+    mode: str = "anchor",
+    strength: float = 1.0,
+    penultimate: bool = False,
+    ridge: float = 1e-3,
+    protect_rtol: float = 1e-6,
+) -> EncoderEdit:
+    """Closed-form ΔW for the read layer's fc2 of one text encoder (see the module docstring)."""
+    if mode not in ("anchor", "project"):
+        raise ValueError(f"mode must be 'anchor' or 'project', not {mode!r}")
+    t0 = time.perf_counter()
+    synonyms = synonyms or {}
+    layer = read_layer_index(text_encoder, penultimate)
+    frames = prompts.frames()
+    length = tokenizer.model_max_length
+
+    # concept prompts: every frame × every word naming a concept; remember where the word sits
+    c_text, a_text, c_pos = [], [], []
+    anchor_word = anchor if anchor is not None else GENERIC_ANCHOR
+    m = _n_tokens(tokenizer, anchor_word)
+    for concept in concepts:
+        for word in (concept, *synonyms.get(concept, ())):
+            n = _n_tokens(tokenizer, word)
+            if n == 0:
+                raise ValueError(f"concept {word!r} tokenizes to nothing")
+            for before, after in frames:
+                s = 1 + _n_tokens(tokenizer, before)
+                if s + n + _n_tokens(tokenizer, after) + 1 > length:
+                    continue
+                c_text.append(before + word + after)
+                a_text.append((before + anchor_word + after) if anchor_word else (before.rstrip() + after))
+                c_pos.append((s, n))
+    if not c_text:
+        raise ValueError("every concept prompt is longer than the tokenizer's maximum length")
+    p_text = [before + word + after for p in protect for word in (p, *synonyms.get(p, ())) for before, after in frames]
+
+    K_c, H_c = _run_encoder(text_encoder, _tokenize(tokenizer, c_text), layer)
+    if not torch.isfinite(K_c).all() or not torch.isfinite(H_c).all():
+        raise ValueError("the text encoder returns NaN/inf activations for the concept prompts (degenerate weights?)")
+    mask = torch.zeros(K_c.shape[:2], dtype=torch.bool)  # concept-bearing positions: the word and everything after
+    for i, (s, _) in enumerate(c_pos):
+        mask[i, s:] = True
+
+    if mode == "anchor":
+        _, H_a = _run_encoder(text_encoder, _tokenize(tokenizer, a_text), layer)
+        idx = torch.tensor([_aligned_positions(s, n, m, length) for s, n in c_pos])
+        target = torch.gather(H_a, 1, idx[..., None].expand(-1, -1, H_a.shape[-1]))
+        R = (target - H_c) * mask[..., None]
+    else:  # project: remove the concept words' distinctive subspace from the bearing tokens
+        word_states = torch.stack([H_c[i, s : s + n].mean(0) for i, (s, n) in enumerate(c_pos)])
+        if p_text:
+            p_pos = [1 + _n_tokens(tokenizer, b) for p in protect for w in (p, *synonyms.get(p, ())) for b, _ in frames]
+            _, H_pw = _run_encoder(text_encoder, _tokenize(tokenizer, p_text), layer)
+            centre = torch.stack([H_pw[i, s] for i, s in enumerate(p_pos)]).mean(0)
+        else:
+            centre = H_c[mask].mean(0)
+        D = word_states - centre
+        U, S, _ = torch.linalg.svd(D.T.double(), full_matrices=False)
+        energy = (S**2).cumsum(0) / (S**2).sum()
+        k = int((energy < 0.9).sum()) + 1
+        U = U[:, :k].float()
+        R = -((H_c - centre) @ U @ U.T) * mask[..., None]
+
+    # protected span of the fc2 inputs (every token of every protected prompt), and what it leaves free
+    d_in = K_c.shape[-1]
+    if p_text:
+        K_p, H_p = _run_encoder(text_encoder, _tokenize(tokenizer, p_text), layer)
+        if not torch.isfinite(K_p).all():
+            raise ValueError("the text encoder returns NaN/inf activations for the protected prompts")
+        Q_p = _orth_basis(K_p.reshape(-1, d_in).T, protect_rtol)
+    else:
+        K_p, Q_p = None, torch.zeros(d_in, 0, dtype=torch.float64)
+    Kc = K_c.reshape(-1, d_in).double()
+    Rm = R.reshape(-1, R.shape[-1]).double()
+    Kt = Kc - (Kc @ Q_p) @ Q_p.T  # (N, d_in): rows of K̃ᵀ
+    bearing = mask.reshape(-1)
+    free = float((Kt[bearing] ** 2).sum() / (Kc[bearing] ** 2).sum().clamp_min(1e-30))
+    if Q_p.shape[1] >= d_in or free < MIN_FREE_ENERGY:
+        raise ValueError(
+            f"the protected prompts cover the concept: after removing their span ({Q_p.shape[1]} of {d_in} "
+            f"dimensions) only {free:.2e} of the concept activations' energy is left; protect fewer or less "
+            "related concepts"
+        )
+    # effective dimension of the wanted change (99 % of its energy) against the hidden width
+    sv = torch.linalg.svdvals(Rm[bearing])
+    energy = (sv**2).cumsum(0) / (sv**2).sum().clamp_min(1e-30)
+    eff_rank = int((energy < 0.99).sum()) + 1
+    if eff_rank > MAX_RANK_FRACTION * Rm.shape[1]:
+        raise ValueError(
+            f"the concept prompts span too large a subspace: the change needs {eff_rank} of {Rm.shape[1]} "
+            f"dimensions (cap {MAX_RANK_FRACTION:.0%}); erase narrower concepts one at a time"
+        )
+
+    # ridge solution in the smaller of the two dimensions
+    G = Kt.T @ Kt  # (d_in, d_in)
+    lam = ridge * float(torch.diagonal(G).sum()) / max(1, d_in - Q_p.shape[1])
+    delta = torch.linalg.solve(G + lam * torch.eye(d_in, dtype=G.dtype), Kt.T @ Rm).T  # (out, in)
+    delta = delta - (delta @ Q_p) @ Q_p.T  # exact annihilation of the protected span
+    delta = (strength * delta).float()
+
+    stats = {
+        "layer": layer,
+        "n_concept_prompts": len(c_text),
+        "n_protected_prompts": len(p_text),
+        "protected_rank": int(Q_p.shape[1]),
+        "fc2_in": d_in,
+        "free_energy": free,
+        "target_effective_rank": eff_rank,
+        "ridge_lambda": lam,
+        "mode": mode,
+        "anchor": anchor_word,
+    }
+    with torch.no_grad():  # how far the concept tokens get toward the target (relative residual, at α = 1)
+        achieved = (Kc.float() @ (delta / max(strength, 1e-12)).T).reshape(R.shape)
+        err = ((achieved - R)[mask] ** 2).sum() / (R[mask] ** 2).sum().clamp_min(1e-30)
+        stats["target_residual"] = float(err.sqrt())
+        if K_p is not None:
+            stats["protected_max_abs_change_fc2_out"] = float((K_p @ delta.T).abs().max())
+    stats["seconds"] = time.perf_counter() - t0
+    return EncoderEdit(layer, delta, stats)
+
+
+# ------------------------------------------------------------------------------------------------------------- CLIP
+@torch.no_grad()
+def clip_text_embeddings(clip_model, tokenizer, prompts: list[str], batch: int = 256) -> torch.Tensor:
+    """Normalised projected text embeddings (N, d)."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        enc = tokenizer(prompts[i : i + batch], padding=True, truncation=True, return_tensors="pt")
+        feats = clip_model.get_text_features(**enc.to(clip_model.device))
+        feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+        out.append(torch.nn.functional.normalize(feats.float().cpu(), dim=-1))
+    emb = torch.cat(out)
+    if not torch.isfinite(emb).all() or (emb.norm(dim=-1) < 0.5).any():
+        raise ValueError("degenerate (NaN or zero) CLIP text embeddings; check the model weights")
+    return emb
+
+
+def class_embedding(clip_model, tokenizer, word: str, prompts: PromptSet) -> torch.Tensor:
+    """t_c = normalize(mean_k normalize(f_txt(template_k(c)))) (methods.md §2.3)."""
+    emb = clip_text_embeddings(clip_model, tokenizer, [b + word + a for b, a in prompts.frames()])
+    return torch.nn.functional.normalize(emb.mean(0), dim=0)
+
+
+def clip_projection(
+    clip_model,
+    tokenizer,
+    concepts: list[str],
+    protect: list[str],
+    *,
+    synonyms: dict | None = None,
+    prompts: PromptSet = PromptSet(),
+    strength: float = 1.0,
+    rtol: float = 1e-3,
+) -> tuple[torch.Tensor, dict]:
+    """U (d, k): forget directions orthogonalised against the retain span (variant (a), methods.md §2.4)."""
+    synonyms = synonyms or {}
+    t0 = time.perf_counter()
+    T_f = torch.stack([class_embedding(clip_model, tokenizer, w, prompts)
+                       for c in concepts for w in (c, *synonyms.get(c, ()))], 1).double()
+    T_r = [class_embedding(clip_model, tokenizer, w, prompts) for p in protect for w in (p, *synonyms.get(p, ()))]
+    d = T_f.shape[0]
+    if T_r:
+        Q_r, _ = torch.linalg.qr(torch.stack(T_r, 1).double())
+        T_res = T_f - Q_r @ (Q_r.T @ T_f)
+    else:
+        Q_r, T_res = torch.zeros(d, 0, dtype=torch.float64), T_f
+    left = float(T_res.norm() / T_f.norm())
+    if left < 1e-3:
+        raise ValueError(f"the protected classes' embeddings span the erased concepts (only {left:.1e} left after "
+                         "orthogonalisation); protect fewer classes")
+    U, S, _ = torch.linalg.svd(T_res, full_matrices=False)
+    U = U[:, S > rtol * T_f.norm(dim=0).max()]
+    if U.shape[1] == 0:
+        raise ValueError("nothing left to erase after orthogonalising against the protected classes")
+    if U.shape[1] > MAX_CLIP_RANK_FRACTION * d:
+        raise ValueError(f"the concepts span {U.shape[1]} of {d} embedding dimensions (cap "
+                         f"{MAX_CLIP_RANK_FRACTION:.0%}); erase fewer concepts at once")
+    stats = {"rank": int(U.shape[1]), "dim": d, "retain_rank": int(Q_r.shape[1]), "left_after_orth": left,
+             "forget_in_span": [float((U.T @ T_f[:, i]).norm()) for i in range(T_f.shape[1])],
+             "seconds": time.perf_counter() - t0}
+    return U.float(), stats
+
+
+def apply_projection(clip_model, U: torch.Tensor, strength: float = 1.0) -> None:
+    """In place: visual_projection.weight ← (I − α U Uᵀ) W (for tests and measurement without a patch file)."""
+    W = clip_model.visual_projection.weight
+    with torch.no_grad():
+        W -= strength * U.to(W) @ (U.to(W).T @ W)
+
+
+# -------------------------------------------------------------------------------------------------------------- API
+def _pipeline_layers(pipe, edits: dict, rank: int | None, rtol: float):
+    from .patch import LoraFactors, factors_from_delta
+
+    layers, residuals = {}, {}
+    for comp, edit in edits.items():
+        te = getattr(pipe, comp)
+        factors, residual = factors_from_delta(edit.delta, rank=rank, rtol=rtol)
+        r = factors.A.shape[0]
+        prefix = f"text_model.encoder.layers.{edit.layer}"
+        out_proj = clip_core(te).encoder.layers[edit.layer].self_attn.out_proj
+        layers[comp] = {
+            f"{prefix}.mlp.fc2": factors,
+            # zero factors: diffusers only recognises text-encoder LoRA files that name an attention projection
+            f"{prefix}.self_attn.out_proj": LoraFactors(torch.zeros(r, out_proj.in_features),
+                                                        torch.zeros(out_proj.out_features, r)),
+        }
+        residuals[comp] = float(residual) if not isinstance(residual, torch.Tensor) else float(residual.max())
+        edit.stats["lora_rank"] = r
+        edit.stats["factor_residual"] = residuals[comp]
+    return layers
+
+
+def erase(
+    model: str,
+    concepts: list[str],
+    *,
+    synonyms: dict | None = None,
+    protect: list[str] = (),
+    strength: float = 1.0,
+    rank: int | None = None,
+    anchor: str | None = None,
+    target: str = "pipeline",
+    output: str | Path,
+    mode: str = "anchor",
+    templates: list[str] | None = None,
+    ridge: float = 1e-3,
+    pipe=None,
+    clip=None,
+) -> Path:
+    """Erase ``concepts`` from ``model`` in closed form and write a patch to ``output``; no images, no training.
+
+    ``synonyms``: extra words per concept (and per protected concept) that mean the same; the miniature world's
+    paraphrases are added by default. ``protect``: concepts whose prompts must keep their conditioning exactly.
+    ``anchor`` (pipeline, mode "anchor"): what the concept should become ("shape" in the miniature world, the empty
+    word otherwise). ``templates``: prompt templates with one ``{}`` slot (default: generic ones, or the miniature
+    world's captions). ``pipe`` / ``clip``: already-loaded models (``clip`` = (CLIPModel, tokenizer)) to skip loading.
+    """
+    from .patch import fingerprint, save_patch
+
+    if target not in ("pipeline", "clip"):
+        raise ValueError(f"target must be 'pipeline' or 'clip', not {target!r}")
+    if not 0.0 <= float(strength) <= 1.0 or math.isnan(float(strength)):
+        raise ValueError(f"strength must lie in [0, 1], got {strength}")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    mini = is_miniworld(model) and templates is None
+    syn = default_synonyms(list(concepts) + list(protect or []), mini)
+    syn.update({k: tuple(v) for k, v in (synonyms or {}).items()})
+    concepts, protect = _validate(concepts, protect, syn)
+    prompts = PromptSet(miniworld=True) if mini else PromptSet(tuple(templates or GENERIC_TEMPLATES))
+    settings = {"strength": float(strength), "rank": rank, "target": target, "mode": mode, "ridge": ridge,
+                "synonyms": {k: list(v) for k, v in syn.items() if v}, "n_frames": len(prompts.frames())}
+
+    if target == "clip":
+        from .models import load_clip
+
+        clip_model, tokenizer = clip or load_clip(model)
+        U, stats = clip_projection(clip_model, tokenizer, concepts, protect, synonyms=syn, prompts=prompts,
+                                   strength=strength)
+        from .patch import LoraFactors
+
+        W = clip_model.visual_projection.weight.detach().float().cpu()
+        layers = {"clip": {"visual_projection": LoraFactors((U.T @ W).contiguous(), (-strength * U).contiguous())}}
+        fingerprints = {"clip": fingerprint(clip_model)}
+        settings.update(stats)
+        method = "nullspace-clip"
+    else:
+        from .models import load_pipeline
+
+        pipe = pipe or load_pipeline(model)
+        anchor = anchor if anchor is not None else (MINIWORLD_ANCHOR if mini else GENERIC_ANCHOR)
+        components = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+        penultimate = getattr(pipe, "text_encoder_2", None) is not None  # SDXL reads hidden_states[-2] of both
+        edits = {}
+        for comp in components:
+            tok = pipe.tokenizer_2 if comp == "text_encoder_2" else pipe.tokenizer
+            edits[comp] = encoder_edit(getattr(pipe, comp), tok, concepts, protect, synonyms=syn, prompts=prompts,
+                                       anchor=anchor, mode=mode, strength=strength, penultimate=penultimate,
+                                       ridge=ridge)
+        layers = _pipeline_layers(pipe, edits, rank, rtol=1e-6)
+        fingerprints = {c: fingerprint(getattr(pipe, c)) for c in components}
+        settings.update({"anchor": anchor, "penultimate": penultimate,
+                         "stats": {c: e.stats for c, e in edits.items()}})
+        method = "nullspace"
+    return save_patch(output, layers, method=method, settings=settings, erased=concepts, protected=protect,
+                      base_model=str(model), fingerprints=fingerprints)
+
+
+# -------------------------------------------------------------------------------------------------------------- CLI
+def add_cli_arguments(parser: argparse.ArgumentParser, command: str = "erase") -> None:
+    parser.add_argument("concepts", nargs="+", metavar="CONCEPT", help="concept(s) to erase")
+    parser.add_argument("--pretrained_model_name_or_path", default="miniworld",
+                        help="pipeline / CLIP folder, Hub id, or 'miniworld' (default)")
+    parser.add_argument("--protect", nargs="*", default=[], metavar="CONCEPT",
+                        help="concepts whose prompts must keep their conditioning exactly")
+    parser.add_argument("--synonym", action="append", default=[], metavar="CONCEPT=WORD[,WORD...]",
+                        help="paraphrases of a concept (repeatable); the miniature world's are added by default")
+    parser.add_argument("--strength", type=float, default=1.0, help="α in [0, 1] (default 1)")
+    parser.add_argument("--rank", type=int, default=None, help="cap on the LoRA rank (default: numerical rank)")
+    parser.add_argument("--anchor", default=None,
+                        help="what the concept becomes (pipeline target; default 'shape' in the miniature world, "
+                             "the empty word otherwise)")
+    parser.add_argument("--mode", choices=("anchor", "project"), default="anchor")
+    parser.add_argument("--template", action="append", default=None, metavar="TEMPLATE",
+                        help="prompt template with one '{}' slot (repeatable; default: generic templates)")
+    parser.add_argument("--target", choices=("pipeline", "clip"), default="pipeline")
+    parser.add_argument("--output", required=True, help="patch file to write")
+
+
+def _parse_synonyms(items: list[str]) -> dict[str, tuple[str, ...]]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--synonym {item!r}: expected CONCEPT=WORD[,WORD...]")
+        key, words = item.split("=", 1)
+        out[key.strip()] = tuple(w.strip() for w in words.split(",") if w.strip())
+    return out
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    path = erase(args.pretrained_model_name_or_path, args.concepts, synonyms=_parse_synonyms(args.synonym),
+                 protect=args.protect, strength=args.strength, rank=args.rank, anchor=args.anchor,
+                 target=args.target, output=args.output, mode=args.mode, templates=args.template)
+    print(f"wrote {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0

@@ -1,0 +1,529 @@
+"""The patch: a small safetensors file of LoRA tensors for the text encoder(s) that plain diffusers loads.
+
+Other modules (closed-form nullspace erasure, CLIPErase training) only produce weight changes; this module turns them
+into a file, reads it back with validation, describes it, converts it to the kohya/A1111 key format and merges it into
+a transformers ``CLIPModel``. Loading into diffusers pipelines lives in ``erase_diffusion.pipelines.loading``.
+
+File layout (``kind = "lora"``, the normal case; loads with ``pipe.load_lora_weights(path, adapter_name=...)``)::
+
+    text_encoder.text_model.encoder.layers.3.self_attn.out_proj.lora_A.weight     (r, in)
+    text_encoder.text_model.encoder.layers.3.self_attn.out_proj.lora_B.weight     (out, r)
+    text_encoder_2.text_model....                                                  SDXL's second encoder
+    clip.visual_projection.lora_A.weight / .lora_B.weight                          CLIPModel-only modules
+
+ΔW = B @ A exactly: every module is written with ``lora_alpha == r`` (scale 1); any scale is folded into the factors.
+The header holds diffusers' ``lora_adapter_metadata`` (per component: r, lora_alpha, rank_pattern/alpha_pattern for
+mixed ranks, layer-specific target_modules) plus our own ``erase_diffusion.*`` keys.
+
+Component ``clip`` holds modules of a ``CLIPModel`` that diffusers pipelines do not have. diffusers' SD loaders only
+read keys that start with ``text_encoder.``/``text_encoder_2.``/``unet.``, so such keys are ignored by plain diffusers.
+
+**Full mode** (``kind = "full"``): dense ΔW tensors for changes that are not low-rank, stored under keys ending in
+``.delta`` (``text_encoder.text_model.encoder.layers.3.mlp.fc1.delta``), optionally next to LoRA factors in the same
+file. Those keys contain no "lora", so plain ``load_lora_weights`` rejects the file ("Invalid LoRA checkpoint") instead
+of silently half-loading it; the metadata says ``erase_diffusion.kind = full``. The project loader
+(``erase_diffusion.pipelines.loading.load_patches``) reads it and turns each ΔW into exact full-rank LoRA factors
+(an identity on the smaller side), so strengths, stacking, fuse and unfuse still go through diffusers' adapter
+machinery. ``apply_to_clip`` merges ΔW directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import __version__
+
+FORMAT_VERSION = 1
+META_PREFIX = "erase_diffusion."
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+COMPONENTS = TEXT_ENCODERS + ("clip",)
+# modules diffusers' text-encoder loader can target (rank detection only looks at these suffixes)
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+KOHYA_PREFIX = {"sd": {"text_encoder": "lora_te_"}, "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
+_MAX_HEADER = 100 * 1024 * 1024
+_KEY = re.compile(r"^(text_encoder|text_encoder_2|clip)\.([A-Za-z0-9_.]+?)\.(lora_A\.weight|lora_B\.weight|delta)$")
+
+
+class PatchError(ValueError):
+    """A patch file that is not valid, or does not fit the model it is applied to."""
+
+
+@dataclass
+class LoraFactors:
+    A: Tensor  # (r, in)
+    B: Tensor  # (out, r)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self) -> Tensor:
+        return self.B.float() @ self.A.float()
+
+
+@dataclass
+class Patch:
+    layers: dict[str, dict[str, LoraFactors]]
+    full: dict[str, dict[str, Tensor]]
+    metadata: dict
+    path: Path
+
+    @property
+    def kind(self) -> str:
+        return self.metadata.get("kind", "lora")
+
+    @property
+    def components(self) -> list[str]:
+        return sorted(set(self.layers) | set(self.full))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# factors and fingerprints
+
+
+def factors_from_delta(delta: Tensor, rank: int | None = None, rtol: float = 1e-6) -> tuple[LoraFactors, float]:
+    """Exact low-rank export of ΔW (out, in) by SVD: B = U√S, A = √S Vᵀ.
+
+    ``rank=None`` keeps the numerical rank (singular values above ``rtol`` × the largest); a given rank truncates.
+    Returns the factors (float32) and the relative Frobenius residual ‖ΔW − BA‖ / ‖ΔW‖ (0 for a zero ΔW, which
+    exports as rank-1 zero factors).
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"delta must be a matrix (out, in), got shape {tuple(delta.shape)}")
+    if not torch.isfinite(delta).all():
+        raise ValueError("delta contains NaN or Inf")
+    d = delta.detach().to("cpu", torch.float64)
+    U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+    if rank is None:
+        rank = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+    if rank < 0 or rank > S.numel():
+        raise ValueError(f"rank must be between 1 and {S.numel()}, got {rank}")
+    if rank == 0:  # a zero change: rank-1 zero factors keep the file loadable
+        out_f, in_f = d.shape
+        return LoraFactors(A=torch.zeros(1, in_f), B=torch.zeros(out_f, 1)), 0.0
+    root = S[:rank].sqrt()
+    B = (U[:, :rank] * root).float().contiguous()
+    A = (root[:, None] * Vh[:rank]).float().contiguous()
+    norm = torch.linalg.matrix_norm(d)
+    residual = float(torch.linalg.matrix_norm(d - B.double() @ A.double()) / norm) if norm > 0 else 0.0
+    return LoraFactors(A=A, B=B), residual
+
+
+def clip_core(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The module that owns embeddings / encoder / final_layer_norm, in either CLIPTextModel layout (and CLIPModel)."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
+def fingerprint(module: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A short, stable hash of a text encoder's weights (16 hex digits).
+
+    Hashes, for every floating-point tensor of the text tower (``clip_core``: so a ``CLIPModel``, an old-layout and a
+    flattened ``CLIPTextModel`` holding the same weights agree), its name, shape and a deterministic strided subsample
+    of its values rounded to float16 (so a pipeline loaded in fp16 matches its fp32 base). Loaded-but-unfused LoRA
+    layers are ignored (``lora_*`` parameters are skipped, ``.base_layer`` is removed from names); fused changes count.
+    """
+    core = clip_core(module)
+    h = hashlib.sha256()
+    items = []
+    for name, t in core.state_dict().items():
+        if not torch.is_floating_point(t) or "lora_" in name:
+            continue
+        items.append((name.replace(".base_layer", ""), t))
+    for name, t in sorted(items, key=lambda x: x[0]):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to("cpu", torch.float16).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _peft_name(component: str, module: str) -> str:
+    """Target spelling that matches both CLIPTextModel layouts (and CLIPTextModelWithProjection)."""
+    return module.removeprefix("text_model.") if component in TEXT_ENCODERS else module
+
+
+def _check_module_name(component: str, module: str, dense: bool = False) -> None:
+    if component not in COMPONENTS:
+        raise PatchError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
+    if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", module) or "lora" in module:
+        raise PatchError(f"bad module path {module!r} in component {component!r}")
+    if component in TEXT_ENCODERS:
+        if not module.startswith("text_model."):
+            raise PatchError(f"text-encoder module paths are spelled with 'text_model.': got {component}.{module}")
+        if not dense and module.rsplit(".", 1)[-1] not in TEXT_ENCODER_TARGETS:
+            raise PatchError(
+                f"{component}.{module}: diffusers can only load LoRA on {', '.join(TEXT_ENCODER_TARGETS)} of a text "
+                "encoder; put other CLIPModel modules under component 'clip'"
+            )
+
+
+def _lora_config(component: str, mods: dict[str, LoraFactors]) -> dict:
+    """diffusers' per-component LoraConfig fields: alpha == r everywhere, mixed ranks via rank/alpha_pattern."""
+    ranks = {_peft_name(component, m): f.rank for m, f in mods.items()}
+    values = sorted(ranks.values())
+    r = max(set(values), key=lambda v: (values.count(v), -v))
+    pattern = {m: k for m, k in ranks.items() if k != r}
+    return {
+        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "use_dora": False, "lora_bias": False,
+    }
+
+
+def save_patch(
+    path,
+    layers: dict[str, dict[str, LoraFactors]],
+    *,
+    method: str,
+    settings: dict,
+    erased: list[str],
+    protected: list[str],
+    base_model: str,
+    fingerprints: dict[str, str],
+    full: dict[str, dict[str, Tensor]] | None = None,
+    figures: dict | None = None,
+) -> Path:
+    """Write a patch atomically (temp file + ``os.replace``); returns its path.
+
+    ``layers``: component → module path (``text_model.``-spelled for text encoders) → factors. ``full``: component →
+    module path → dense ΔW (out, in); a file with any makes a full-mode patch (see the module docstring).
+    """
+    from safetensors.torch import save_file
+
+    full = {c: m for c, m in (full or {}).items() if m}
+    layers = {c: m for c, m in layers.items() if m}
+    if not layers and not full:
+        raise PatchError("a patch needs at least one module")
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, dict[str, int]] = {}
+    for component, mods in layers.items():
+        for module, f in mods.items():
+            _check_module_name(component, module)
+            A, B = f.A.detach().cpu(), f.B.detach().cpu()
+            if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[0] < 1:
+                raise PatchError(f"{component}.{module}: A {tuple(A.shape)} and B {tuple(B.shape)} do not form B @ A")
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise PatchError(f"{component}.{module}: factors contain NaN or Inf")
+            tensors[f"{component}.{module}.lora_A.weight"] = A.contiguous()
+            tensors[f"{component}.{module}.lora_B.weight"] = B.contiguous()
+            ranks.setdefault(component, {})[module] = int(A.shape[0])
+    for component, mods in full.items():
+        for module, d in mods.items():
+            _check_module_name(component, module, dense=True)
+            if d.ndim != 2 or not torch.isfinite(d).all():
+                raise PatchError(f"{component}.{module}: a full-mode delta must be a finite matrix")
+            if component in layers and module in layers[component]:
+                raise PatchError(f"{component}.{module} is both in layers and in full")
+            tensors[f"{component}.{module}.delta"] = d.detach().cpu().contiguous()
+    for component in TEXT_ENCODERS:
+        if component in layers and not any(m.rsplit(".", 1)[-1] in ATTENTION_TARGETS for m in layers[component]):
+            raise PatchError(
+                f"{component}: an MLP-only LoRA does not load in diffusers; include at least one attention projection"
+            )
+
+    adapter_meta = {}
+    for component, mods in layers.items():
+        if component in TEXT_ENCODERS:
+            adapter_meta.update({f"{component}.{k}": v for k, v in _lora_config(component, mods).items()})
+    meta = {
+        "format": "pt",
+        f"{META_PREFIX}format_version": str(FORMAT_VERSION),
+        f"{META_PREFIX}kind": "full" if full else "lora",
+        f"{META_PREFIX}method": str(method),
+        f"{META_PREFIX}settings": json.dumps(settings, sort_keys=True, default=str),
+        f"{META_PREFIX}erased": json.dumps(list(erased)),
+        f"{META_PREFIX}protected": json.dumps(list(protected)),
+        f"{META_PREFIX}base_model": str(base_model),
+        f"{META_PREFIX}fingerprints": json.dumps(dict(fingerprints), sort_keys=True),
+        f"{META_PREFIX}ranks": json.dumps(ranks, sort_keys=True),
+        f"{META_PREFIX}lora_alpha": "rank",  # alpha == r for every module: scale 1, ΔW = B @ A
+        f"{META_PREFIX}version": __version__,
+    }
+    if figures:
+        meta[f"{META_PREFIX}figures"] = json.dumps(figures, sort_keys=True, default=str)
+    if adapter_meta:
+        meta["lora_adapter_metadata"] = json.dumps(adapter_meta, indent=2, sort_keys=True)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def _read_header(path: Path) -> dict:
+    """Parse and sanity-check a safetensors header by hand (clear errors; nothing is unpickled, ever)."""
+    if not path.exists():
+        raise PatchError(f"patch {path} does not exist")
+    if not path.is_file():
+        raise PatchError(f"patch {path} is not a file")
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise PatchError(f"{path} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n < 2 or n > _MAX_HEADER or 8 + n > size:
+            raise PatchError(f"{path} is not a safetensors file, or it is truncated (header length {n}, size {size})")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PatchError(f"{path} has a corrupted safetensors header: {err}") from None
+    if not isinstance(header, dict):
+        raise PatchError(f"{path} has a corrupted safetensors header")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise PatchError(f"{path} has a corrupted safetensors header (entry {key!r})") from None
+    if 8 + n + end != size:
+        raise PatchError(f"{path} is truncated or has trailing data: header promises {8 + n + end} bytes, file has {size}")
+    return header
+
+
+def _parse_metadata(raw: dict[str, str], path: Path) -> dict:
+    if raw.get(f"{META_PREFIX}format_version") is None:
+        raise PatchError(f"{path} is a safetensors file but not an erase-diffusion patch (no erase_diffusion metadata)")
+    version = int(raw[f"{META_PREFIX}format_version"])
+    if version > FORMAT_VERSION:
+        raise PatchError(f"{path} has patch format {version}; this erase-diffusion reads up to {FORMAT_VERSION}")
+    out: dict = {}
+    for key, value in raw.items():
+        if not key.startswith(META_PREFIX):
+            continue
+        name = key.removeprefix(META_PREFIX)
+        if name in ("settings", "erased", "protected", "fingerprints", "ranks", "figures"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise PatchError(f"{path}: metadata {key} is not valid JSON") from None
+        out[name] = value
+    out["format_version"] = version
+    if "lora_adapter_metadata" in raw:
+        out["lora_adapter_metadata"] = json.loads(raw["lora_adapter_metadata"])
+    return out
+
+
+def load_patch(path) -> Patch:
+    """Read and validate a patch before anything touches a model. Raises ``PatchError`` (a ``ValueError``)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    header = _read_header(path)
+    metadata = _parse_metadata(header.get("__metadata__") or {}, path)
+    tensors: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise PatchError(f"{path} could not be read as safetensors: {err}") from None
+
+    pieces: dict[tuple[str, str], dict[str, Tensor]] = {}
+    full: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise PatchError(f"{path}: key {key!r} does not belong in a patch")
+        component, module, what = m.groups()
+        _check_module_name(component, module, dense=what == "delta")
+        if not torch.is_floating_point(t) or t.ndim != 2:
+            raise PatchError(f"{path}: {key} must be a floating-point matrix, got {t.dtype} {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise PatchError(f"{path}: {key} contains NaN or Inf")
+        if what == "delta":
+            if metadata.get("kind") != "full":
+                raise PatchError(f"{path}: dense delta {key} in a patch whose metadata does not say kind=full")
+            full.setdefault(component, {})[module] = t
+        else:
+            pieces.setdefault((component, module), {})[what.split(".")[0]] = t
+    layers: dict[str, dict[str, LoraFactors]] = {}
+    for (component, module), ab in pieces.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise PatchError(f"{path}: {component}.{module} has {sorted(ab)} but needs both lora_A and lora_B")
+        A, B = ab["lora_A"], ab["lora_B"]
+        if A.shape[0] != B.shape[1]:
+            raise PatchError(f"{path}: {component}.{module} rank mismatch: lora_A {tuple(A.shape)}, lora_B {tuple(B.shape)}")
+        if module in full.get(component, {}):
+            raise PatchError(f"{path}: {component}.{module} is both LoRA and dense")
+        layers.setdefault(component, {})[module] = LoraFactors(A=A, B=B)
+    if not layers and not full:
+        raise PatchError(f"{path} holds no modules")
+    for component, mods in layers.items():
+        if component in TEXT_ENCODERS and not any(m.rsplit(".", 1)[-1] in ATTENTION_TARGETS for m in mods):
+            raise PatchError(f"{path}: {component} LoRA is MLP-only, which diffusers cannot load")
+    ranks = metadata.get("ranks") or {}
+    for component, mods in layers.items():
+        for module, f in mods.items():
+            declared = ranks.get(component, {}).get(module)
+            if declared is not None and declared != f.rank:
+                raise PatchError(f"{path}: {component}.{module} has rank {f.rank} but metadata says {declared}")
+    return Patch(layers=layers, full=full, metadata=metadata, path=path)
+
+
+def describe_patch(path) -> dict:
+    """What ``erase-diffusion inspect`` prints."""
+    patch = load_patch(path)
+    md = patch.metadata
+    ranks = sorted({f.rank for mods in patch.layers.values() for f in mods.values()})
+    params = sum(f.A.numel() + f.B.numel() for mods in patch.layers.values() for f in mods.values())
+    params += sum(d.numel() for mods in patch.full.values() for d in mods.values())
+    modules = {c: sorted(set(patch.layers.get(c, {})) | set(patch.full.get(c, {}))) for c in patch.components}
+    return {
+        "path": str(patch.path),
+        "size_bytes": patch.path.stat().st_size,
+        "kind": patch.kind,
+        "method": md.get("method"),
+        "erased": md.get("erased", []),
+        "protected": md.get("protected", []),
+        "base_model": md.get("base_model"),
+        "fingerprints": md.get("fingerprints", {}),
+        "components": {c: len(m) for c, m in modules.items()},
+        "modules": modules,
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
+        "lora_alpha": md.get("lora_alpha", "rank"),
+        "parameters": params,
+        "settings": md.get("settings", {}),
+        "figures": md.get("figures", {}),
+        "format_version": md.get("format_version"),
+        "erase_diffusion_version": md.get("version"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kohya export, CLIPModel merge
+
+
+def export_kohya(src, dst) -> Path:
+    """Convert a patch to kohya / A1111 keys (``lora_te_`` for SD 1/2, ``lora_te1_``/``lora_te2_`` for SDXL).
+
+    ``.lora_down.weight`` = A, ``.lora_up.weight`` = B·r/alpha, one ``.alpha`` value for all modules (kohya scale
+    alpha / r), so ΔW = B @ A exactly. Only text-encoder LoRA modules can be
+    expressed; a patch with ``clip`` modules or dense deltas is refused.
+    """
+    from safetensors.torch import save_file
+
+    patch = load_patch(src)
+    if patch.full or "clip" in patch.layers:
+        raise PatchError("only text-encoder LoRA patches can be exported to kohya format (no 'clip' modules, no dense deltas)")
+    names = KOHYA_PREFIX["sdxl" if "text_encoder_2" in patch.layers else "sd"]
+    # One alpha for the whole file: diffusers 0.42's kohya path builds a wrong text-encoder alpha_pattern when alphas
+    # differ (it drops the module name), so mixed ranks keep alpha = the most common rank and fold alpha / r into B.
+    ranks = sorted(f.rank for mods in patch.layers.values() for f in mods.values())
+    alpha = max(set(ranks), key=lambda v: (ranks.count(v), -v))
+    tensors = {}
+    for component, mods in patch.layers.items():
+        for module, f in mods.items():
+            stem = names[component] + module.replace(".", "_")
+            tensors[f"{stem}.lora_down.weight"] = f.A.contiguous()
+            up = f.B if f.rank == alpha else f.B * (f.rank / alpha)
+            tensors[f"{stem}.lora_up.weight"] = up.contiguous()
+            tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    meta = {"format": "pt", "ss_network_module": "networks.lora", "erase_diffusion.exported_from": str(patch.path.name)}
+    for key in ("method", "base_model"):
+        meta[f"{META_PREFIX}{key}"] = str(patch.metadata.get(key))
+    meta[f"{META_PREFIX}erased"] = json.dumps(patch.metadata.get("erased", []))
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dst
+
+
+def patch_deltas(patch: Patch, component: str) -> dict[str, Tensor]:
+    """module path → dense ΔW (float32) for one component, LoRA and full mode together."""
+    out = {m: f.delta() for m, f in patch.layers.get(component, {}).items()}
+    out.update({m: d.float() for m, d in patch.full.get(component, {}).items()})
+    return out
+
+
+def apply_to_clip(model, patch, strength: float = 1.0, *, force: bool = False) -> None:
+    """Merge a patch's ΔW (× strength) into a transformers ``CLIPModel`` **in place** (callers copy first).
+
+    Component ``text_encoder`` and ``clip`` module paths are used as-is inside the CLIPModel. All shapes (and, unless
+    ``force``, the text-tower fingerprint) are checked before any weight changes. ``text_encoder_2`` (SDXL's OpenCLIP
+    encoder) has no counterpart in a CLIP-L CLIPModel and is refused.
+    """
+    if not isinstance(patch, Patch):
+        patch = load_patch(patch)
+    if "text_encoder_2" in patch.components:
+        raise PatchError("this patch changes text_encoder_2 (SDXL), which a CLIPModel does not have")
+    if not force:
+        expected = patch.metadata.get("fingerprints", {})
+        want = expected.get("text_encoder") or expected.get("clip")
+        if want and fingerprint(model) != want:
+            raise PatchError(
+                f"patch {patch.path.name} was made for a text encoder with fingerprint {want}, this CLIPModel's text "
+                f"tower has {fingerprint(model)} (pass force=True to apply anyway)"
+            )
+    modules = dict(model.named_modules())
+    plan = []
+    for component in ("text_encoder", "clip"):
+        for name, delta in patch_deltas(patch, component).items():
+            mod = modules.get(name)
+            weight = getattr(mod, "weight", None)
+            if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(delta.shape):
+                got = "missing" if mod is None else tuple(weight.shape) if isinstance(weight, torch.Tensor) else "no weight"
+                raise PatchError(f"{component}.{name}: patch ΔW {tuple(delta.shape)} does not fit this CLIPModel ({got})")
+            plan.append((weight, delta))
+    with torch.no_grad():
+        for weight, delta in plan:
+            weight.add_(delta.to(weight.device, weight.dtype), alpha=float(strength))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "inspect":
+        parser.add_argument("patch", help="patch file (.safetensors)")
+    elif command == "export-kohya":
+        parser.add_argument("patch", help="patch file (.safetensors)")
+        parser.add_argument("output", help="where to write the kohya / A1111 file")
+    else:
+        raise ValueError(f"erase_diffusion.patch has no command {command!r}")
+
+
+def cli_main(args) -> int:
+    if args.command == "inspect":
+        print(json.dumps(describe_patch(args.patch), indent=2, sort_keys=True))
+    elif args.command == "export-kohya":
+        print(export_kohya(args.patch, args.output))
+    return 0

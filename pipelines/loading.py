@@ -1,0 +1,259 @@
+"""Load erase patches into diffusers pipelines, through diffusers' own adapter machinery.
+
+Everything here validates first and then calls diffusers: ``load_lora_weights`` (one adapter per patch),
+``set_adapters`` (strengths / stacking), ``fuse_lora`` / ``unfuse_lora`` / ``unload_lora_weights``. Plain diffusers
+calls work on a loaded pipeline too, for example::
+
+    pipe.disable_lora(); pipe.enable_lora()                      # A/B without unloading
+    pipe.set_adapters(["erase_a", "erase_b"], adapter_weights=[1.0, 0.5])
+    pipe.delete_adapters("erase_a"); pipe.get_list_adapters()
+
+``set_strengths`` / ``fuse`` / ``unfuse`` / ``unload`` below only add checks (names exist, strengths are finite numbers)
+and pick the text-encoder components for ``fuse_lora``/``unfuse_lora`` (diffusers' SD default is unet + text_encoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from erase_diffusion.patch import TEXT_ENCODERS, Patch, PatchError, fingerprint, load_patch
+
+
+def text_encoder_components(pipe) -> list[str]:
+    """The text encoders this pipeline has and diffusers can put LoRA on."""
+    loadable = getattr(pipe, "_lora_loadable_modules", [])
+    return [c for c in TEXT_ENCODERS if c in loadable and getattr(pipe, c, None) is not None]
+
+
+def _as_list(value, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{len(value)} {what} given for {n} patch(es)")
+        return list(value)
+    return [value] * n
+
+
+def _check_strengths(strengths) -> list[float]:
+    out = []
+    for s in strengths:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(float(s)):
+            raise ValueError(f"strength must be a finite number, got {s!r}")
+        out.append(float(s))
+    return out
+
+
+def loaded_adapters(pipe) -> set[str]:
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+def _find_linear(te, module: str):
+    """The nn.Linear a text-encoder module path names, in either CLIPTextModel layout (None if absent)."""
+    name = module if hasattr(te, "text_model") else module.removeprefix("text_model.")
+    try:
+        mod = te.get_submodule(name)
+    except AttributeError:
+        return None
+    mod = getattr(mod, "base_layer", mod)  # already wrapped by peft for another adapter
+    return mod if isinstance(mod, torch.nn.Linear) else None
+
+
+def check_patch(pipe, patch: Patch, *, force: bool = False) -> None:
+    """Raise ``PatchError`` unless ``patch`` fits this pipeline's text encoder(s) (shapes always; fingerprint unless
+    ``force``)."""
+    available = text_encoder_components(pipe)
+    name = patch.path.name
+    te_parts = [c for c in patch.components if c in TEXT_ENCODERS]
+    if not te_parts:
+        raise PatchError(f"patch {name} only changes CLIPModel modules ({', '.join(patch.components)}); "
+                         "use erase_diffusion.patch.apply_to_clip for a CLIPModel")
+    for component in te_parts:
+        if component not in available:
+            kind = "an SDXL patch (it changes text_encoder_2)" if component == "text_encoder_2" else f"a {component} patch"
+            raise PatchError(f"patch {name} is {kind}, but this {type(pipe).__name__} has no {component}: "
+                             f"it has {', '.join(available) or 'no text encoder diffusers can patch'}")
+    for component in te_parts:
+        te = getattr(pipe, component)
+        mods = {m: (f.B.shape[0], f.A.shape[1]) for m, f in patch.layers.get(component, {}).items()}
+        mods.update({m: tuple(d.shape) for m, d in patch.full.get(component, {}).items()})
+        for module, (out_f, in_f) in mods.items():
+            lin = _find_linear(te, module)
+            if lin is None:
+                raise PatchError(f"patch {name}: {component} of this pipeline has no linear layer {module} "
+                                 "(a patch for another architecture?)")
+            if (lin.out_features, lin.in_features) != (out_f, in_f):
+                raise PatchError(f"patch {name}: {component}.{module} is {out_f}x{in_f} in the patch but "
+                                 f"{lin.out_features}x{lin.in_features} in this pipeline (made for another base model)")
+        if not force:
+            want = patch.metadata.get("fingerprints", {}).get(component)
+            have = fingerprint(te)
+            if want is None:
+                raise PatchError(f"patch {name} records no fingerprint for {component}; pass force=True to load it anyway")
+            if want != have:
+                raise PatchError(
+                    f"patch {name} was made for a {component} with fingerprint {want} (base model "
+                    f"{patch.metadata.get('base_model')!r}); this pipeline's is {have}. Pass force=True (--force) to "
+                    "load it anyway"
+                )
+
+
+def _lora_state_dict(patch: Patch, components: list[str]) -> dict[str, torch.Tensor]:
+    """In-memory diffusers state dict: the LoRA factors, plus each dense ΔW as exact full-rank factors.
+
+    No metadata goes with an in-memory dict, so diffusers infers alpha = r per module (scale 1, ΔW = B @ A).
+    """
+    sd = {}
+    for component in components:
+        for module, f in patch.layers.get(component, {}).items():
+            sd[f"{component}.{module}.lora_A.weight"] = f.A
+            sd[f"{component}.{module}.lora_B.weight"] = f.B
+        for module, d in patch.full.get(component, {}).items():
+            out_f, in_f = d.shape
+            if in_f <= out_f:
+                A, B = torch.eye(in_f, dtype=d.dtype), d
+            else:
+                A, B = d, torch.eye(out_f, dtype=d.dtype)
+            sd[f"{component}.{module}.lora_A.weight"] = A.contiguous()
+            sd[f"{component}.{module}.lora_B.weight"] = B.contiguous()
+    return sd
+
+
+def load_patches(pipe, patches, strengths=1.0, adapter_names=None, force: bool = False) -> list[str]:
+    """Validate every patch, then load each as one diffusers adapter and activate them with their strengths.
+
+    Returns the adapter names (default ``erase_<file stem>``). Exactly the adapters of this call are active afterwards
+    (adapters loaded earlier stay loaded but inactive; ``set_strengths`` re-activates any set). If anything fails, the
+    adapters loaded in this call are deleted again and the pipeline is as before. ``force`` skips the fingerprint check,
+    never the shape checks.
+    """
+    if isinstance(patches, (str, os.PathLike)):
+        patches = [patches]
+    patches = list(patches)
+    if not patches:
+        raise ValueError("no patches given")
+    strengths = _check_strengths(_as_list(strengths, len(patches), "strengths"))
+    existing = loaded_adapters(pipe)
+    if adapter_names is None:
+        adapter_names = []
+        for p in patches:
+            stem = "erase_" + "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in Path(p).stem)
+            name, k = stem, 2
+            while name in existing or name in adapter_names:
+                name, k = f"{stem}_{k}", k + 1
+            adapter_names.append(name)
+    else:
+        adapter_names = _as_list(adapter_names, len(patches), "adapter names")
+        if len(set(adapter_names)) != len(adapter_names):
+            raise ValueError(f"adapter names must be distinct: {adapter_names}")
+        taken = [n for n in adapter_names if n in existing]
+        if taken:
+            raise ValueError(f"adapter name(s) already loaded in this pipeline: {', '.join(taken)}")
+
+    loaded_patches = [load_patch(p) for p in patches]  # validation of the files
+    for patch in loaded_patches:  # ... and of their fit, before anything is loaded
+        check_patch(pipe, patch, force=force)
+
+    done: list[str] = []
+    try:
+        for patch, name in zip(loaded_patches, adapter_names):
+            components = [c for c in patch.components if c in TEXT_ENCODERS]
+            if patch.kind == "lora" and "clip" not in patch.components:
+                pipe.load_lora_weights(str(patch.path), adapter_name=name)  # exactly what a user would call
+            else:  # full mode / CLIPModel-only modules: our loader hands diffusers an in-memory LoRA state dict
+                pipe.load_lora_weights(_lora_state_dict(patch, components), adapter_name=name)
+            done.append(name)
+        pipe.set_adapters(adapter_names, adapter_weights=strengths)
+    except Exception:
+        if done:
+            pipe.delete_adapters(done)
+        raise
+    return adapter_names
+
+
+def set_strengths(pipe, names, strengths) -> None:
+    """``pipe.set_adapters(names, adapter_weights=strengths)`` after checking the names are loaded."""
+    names = [names] if isinstance(names, str) else list(names)
+    strengths = _check_strengths(_as_list(strengths, len(names), "strengths"))
+    missing = sorted(set(names) - loaded_adapters(pipe))
+    if missing:
+        raise ValueError(f"adapter(s) not loaded: {', '.join(missing)}; loaded: {sorted(loaded_adapters(pipe))}")
+    pipe.set_adapters(names, adapter_weights=strengths)
+
+
+def fuse(pipe, names=None, strengths=None, lora_scale: float = 1.0) -> None:
+    """Merge the active (or named) adapters into the text-encoder weights: ``fuse_lora(components=[text encoders])``.
+
+    With ``strengths``, ``set_strengths(names, strengths)`` first (the fused ΔW honours adapter weights)."""
+    if strengths is not None:
+        if names is None:
+            raise ValueError("strengths need adapter names")
+        set_strengths(pipe, names, strengths)
+    names = [names] if isinstance(names, str) else names
+    pipe.fuse_lora(components=text_encoder_components(pipe), lora_scale=float(lora_scale), adapter_names=names)
+
+
+def unfuse(pipe) -> None:
+    """``unfuse_lora`` on the text encoders: subtract fused deltas again (adapters stay loaded)."""
+    pipe.unfuse_lora(components=text_encoder_components(pipe))
+
+
+def unload(pipe) -> None:
+    """``unload_lora_weights()``: drop all LoRA layers (already fused deltas stay in the weights)."""
+    pipe.unload_lora_weights()
+
+
+def bake(model: str, patches, strengths=1.0, output_dir=None, force: bool = False) -> Path:
+    """Load ``model``, load and fuse the patches into its text encoder(s), save the result as a new pipeline folder.
+
+    Written to a temporary folder beside ``output_dir`` and renamed into place; an existing non-empty ``output_dir``
+    is refused.
+    """
+    from erase_diffusion.models import load_pipeline
+
+    if output_dir is None:
+        raise ValueError("bake needs an output_dir")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ValueError(f"output_dir {output_dir} already exists and is not empty")
+    pipe = load_pipeline(model)
+    names = load_patches(pipe, patches, strengths, force=force)
+    pipe.fuse_lora(components=text_encoder_components(pipe), lora_scale=1.0, adapter_names=names)
+    pipe.unload_lora_weights()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        pipe.save_pretrained(tmp)
+        if output_dir.exists():
+            output_dir.rmdir()
+        os.replace(tmp, output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return output_dir
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command != "bake":
+        raise ValueError(f"erase_diffusion.pipelines.loading has no command {command!r}")
+    parser.add_argument("--pretrained_model_name_or_path", default="miniworld",
+                        help="bundled name, local folder or Hub id of the base pipeline (default: miniworld)")
+    parser.add_argument("--patch", action="append", required=True, help="patch file; repeat to stack several")
+    parser.add_argument("--strength", action="append", type=float, default=None,
+                        help="strength per patch (repeat in the order of --patch; default 1.0 each)")
+    parser.add_argument("--output_dir", required=True, help="new pipeline folder to write (must not exist yet)")
+    parser.add_argument("--force", action="store_true", help="load patches even if the base fingerprint differs")
+
+
+def cli_main(args) -> int:
+    strengths = args.strength if args.strength else 1.0
+    if isinstance(strengths, list) and len(strengths) == 1 and len(args.patch) > 1:
+        strengths = strengths[0]
+    out = bake(args.pretrained_model_name_or_path, args.patch, strengths, args.output_dir, force=args.force)
+    print(out)
+    return 0

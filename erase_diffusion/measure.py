@@ -180,3 +180,78 @@ def cli_main(args) -> int:
 
 def as_dict(case: PromptCase) -> dict:
     return asdict(case)
+
+
+def erased_cases(spec, per_pair: int = 2, seed: int = 1) -> tuple[list[PromptCase], list[PromptCase]]:
+    """Prompts naming an erased miniworld concept: (by its own name, by a paraphrase — shapes only)."""
+    from .concepts import miniworld_attribute
+
+    named, para = [], []
+    for concept in spec.erase:
+        attribute, value = miniworld_attribute(concept)
+        named += [c for c in eval_prompts(per_pair=per_pair, seed=seed) if getattr(c, attribute) == value]
+        if attribute == "shape":
+            para += eval_prompts(shapes=(value,), per_pair=per_pair, seed=seed, paraphrase=True)
+    return named, para
+
+
+@torch.no_grad()
+def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 20, seed: int = 0) -> dict:
+    """Forget / retain figures of a patch on the miniature world: CLIP zero-shot and judged generations.
+
+    ``found_*``: share of generations in which the judge sees the erased attribute value (lower is better).
+    ``retained_*``: judged accuracy on prompts that name no erased concept, base vs patched.
+    """
+    import copy
+
+    from .concepts import miniworld_attribute
+    from .models import load_clip, load_judge, load_pipeline
+    from .patch import apply_to_clip
+
+    out: dict = {}
+    clip, tok = load_clip("miniworld")
+    erased_clip = copy.deepcopy(clip)
+    apply_to_clip(erased_clip, patch_path)
+    data = held_out_dataset()
+    for attribute in sorted({miniworld_attribute(c)[0] for c in spec.erase}):
+        before, after = zero_shot_accuracy(clip, tok, data, attribute), zero_shot_accuracy(erased_clip, tok, data, attribute)
+        gone = [c for c in spec.erase if miniworld_attribute(c)[0] == attribute]
+        kept = [c for c in classes(attribute) if c not in gone]
+        out[f"zeroshot_{attribute}_forget_before"] = sum(before[c] for c in gone) / len(gone)
+        out[f"zeroshot_{attribute}_forget_after"] = sum(after[c] for c in gone) / len(gone)
+        out[f"zeroshot_{attribute}_retain_before"] = sum(before[c] for c in kept) / len(kept)
+        out[f"zeroshot_{attribute}_retain_after"] = sum(after[c] for c in kept) / len(kept)
+    if not generations:
+        return out
+
+    from .pipelines.loading import load_patches
+
+    pipe, judge = load_pipeline("miniworld"), load_judge("miniworld")
+    named, para = erased_cases(spec)
+    retained = [c for c in eval_prompts(per_pair=1, seed=2) if not spec.mentions_erased(c.prompt)
+                and all(getattr(c, miniworld_attribute(e)[0]) != e for e in spec.erase)]
+    sets = {"named": named, "paraphrase": para, "retained": retained}
+    for patched in (False, True):
+        if patched:
+            load_patches(pipe, [patch_path])
+        tag = "after" if patched else "before"
+        for name, cases in sets.items():
+            if not cases:
+                continue
+            images = generate(pipe, [c.prompt for c in cases], seed=seed, steps=steps)
+            labels = judge.label(images)
+            verdict = judge_generations(judge, images, cases)
+            if name == "retained":
+                out[f"retained_shape_{tag}"] = verdict["shape"]
+                out[f"retained_colour_{tag}"] = verdict["colour"]
+                continue
+            found = torch.zeros(len(cases), dtype=torch.bool)
+            for concept in spec.erase:
+                attribute, value = miniworld_attribute(concept)
+                index = classes(attribute).index(value)
+                found |= labels[attribute] == index
+            out[f"found_{name}_{tag}"] = found.float().mean().item()
+            if name == "named":
+                out[f"named_colour_kept_{tag}"] = verdict["colour"]
+    out["generations_per_set"] = {k: len(v) for k, v in sets.items()}
+    return out

@@ -63,6 +63,10 @@ MAX_CLIP_RANK_FRACTION = 0.25
 # the protected span leaves less than this fraction of the concept's (non-prefix) activation energy
 MIN_FREE_ENERGY = 1e-4
 CHECK_TOL = 1e-4
+# at most this fraction of the fc2 input width is reserved for the protected prompts; when their exact span is
+# larger (every prompt brings ~77 token positions), the highest-energy directions are kept and protection becomes
+# approximate (reported in the stats as protection="approximate" with the measured change)
+PROTECT_BUDGET = 0.9
 
 
 def clip_core(text_encoder):
@@ -203,19 +207,20 @@ class EncoderEdit:
     stats: dict = field(default_factory=dict)
 
 
-def _orth_basis(K: torch.Tensor, rtol: float) -> torch.Tensor:
-    """Orthonormal basis (d, k) of the column span of K (d, N), float64, singular values above rtol · σ_max."""
-    K = K.double()
+def _orth_basis(K: torch.Tensor, rtol: float, max_dims: int | None = None) -> torch.Tensor:
+    """Orthonormal basis (d, k) of the column span of K (d, N), float64: singular values above rtol · σ_max, at most
+    ``max_dims`` of them (the highest-energy ones)."""
     d, n = K.shape
     if n <= d:
-        U, S, _ = torch.linalg.svd(K, full_matrices=False)
-    else:  # Gram form: d × d eigenproblem instead of an SVD of a d × N matrix
-        evals, U = torch.linalg.eigh(K @ K.T)
+        U, S, _ = torch.linalg.svd(K.double(), full_matrices=False)
+    else:  # Gram form (float32 product, float64 eigenproblem): d × d instead of an SVD of a d × N matrix
+        evals, U = torch.linalg.eigh((K.float() @ K.float().T).double())
         order = evals.argsort(descending=True)
         S, U = evals[order].clamp_min(0).sqrt(), U[:, order]
     if S.numel() == 0 or S[0] == 0:
-        return K.new_zeros(d, 0)
-    return U[:, S > rtol * S[0]]
+        return torch.zeros(d, 0, dtype=torch.float64)
+    k = int((S > rtol * S[0]).sum())
+    return U[:, : min(k, max_dims if max_dims is not None else k)]
 
 
 def encoder_edit(
@@ -232,6 +237,7 @@ def encoder_edit(
     penultimate: bool = False,
     ridge: float = 1e-3,
     protect_rtol: float = 1e-6,
+    protect_budget: float = PROTECT_BUDGET,
 ) -> EncoderEdit:
     """Closed-form ΔW for the read layer's fc2 of one text encoder (see the module docstring)."""
     if mode not in ("anchor", "project"):
@@ -296,8 +302,11 @@ def encoder_edit(
         if not torch.isfinite(K_p).all():
             raise ValueError("the text encoder returns NaN/inf activations for the protected prompts")
         Q_p = _orth_basis(K_p.reshape(-1, d_in).T, protect_rtol)
+        exact_rank = Q_p.shape[1]
+        Q_p = Q_p[:, : int(protect_budget * d_in)]
     else:
         K_p, Q_p = None, torch.zeros(d_in, 0, dtype=torch.float64)
+        exact_rank = 0
     Kc = K_c.reshape(-1, d_in).double()
     Rm = R.reshape(-1, R.shape[-1]).double()
     Kt = Kc - (Kc @ Q_p) @ Q_p.T  # (N, d_in): rows of K̃ᵀ
@@ -312,11 +321,11 @@ def encoder_edit(
     # effective dimension of the wanted change (99 % of its energy) against the hidden width
     sv = torch.linalg.svdvals(Rm[bearing])
     energy = (sv**2).cumsum(0) / (sv**2).sum().clamp_min(1e-30)
-    eff_rank = int((energy < 0.99).sum()) + 1
+    eff_rank = int((energy < 0.9).sum()) + 1
     if eff_rank > MAX_RANK_FRACTION * Rm.shape[1]:
         raise ValueError(
             f"the concept prompts span too large a subspace: the change needs {eff_rank} of {Rm.shape[1]} "
-            f"dimensions (cap {MAX_RANK_FRACTION:.0%}); erase narrower concepts one at a time"
+            f"dimensions for 90 % of its energy (cap {MAX_RANK_FRACTION:.0%}); erase narrower concepts one at a time"
         )
 
     # ridge solution in the smaller of the two dimensions
@@ -331,6 +340,8 @@ def encoder_edit(
         "n_concept_prompts": len(c_text),
         "n_protected_prompts": len(p_text),
         "protected_rank": int(Q_p.shape[1]),
+        "protected_exact_rank": int(exact_rank),
+        "protection": "exact" if exact_rank <= Q_p.shape[1] else "approximate",
         "fc2_in": d_in,
         "free_energy": free,
         "target_effective_rank": eff_rank,

@@ -295,7 +295,7 @@ def train(args) -> dict:
         if pipe is not None and args.validation_steps:
             metrics["validation_grid"] = str(save_validation(pipe, model, tokenizer, args, spec, output_dir, global_step))
         if miniworld:
-            from .evaluate import miniworld_metrics
+            from .measure import miniworld_metrics
 
             metrics.update(miniworld_metrics(patch, spec, generations=args.eval_generations))
         write_json_atomic(output_dir / "metrics.json", metrics)

@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000"]
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1400"]
 
 
 def tiny_setup(patch_dir: Path):
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda d: len([i for i in d.find_elements(By.CSS_SELECTOR, "#pair img")
                                   if (i.get_attribute("src") or "").strip()]) >= 2)
+        driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(1.0)  # let the slider render
         errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".toast-body.error, .toast-wrap .error")]
         Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)

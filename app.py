@@ -22,7 +22,7 @@ import json
 import math
 import os
 import re
-import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -449,8 +449,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max_queue", type=int, default=MAX_QUEUE, help="requests waiting before new ones are refused")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    demo = build_demo(_pipeline_factory(args.pretrained_model_name_or_path), patch_dir=args.patch_dir,
-                      model=args.pretrained_model_name_or_path, max_queue=args.max_queue)
+    if not 1 <= args.max_queue <= 10_000:
+        parser.error("--max_queue must lie between 1 and 10000")
+    try:
+        demo = build_demo(_pipeline_factory(args.pretrained_model_name_or_path), patch_dir=args.patch_dir,
+                          model=args.pretrained_model_name_or_path, max_queue=args.max_queue)
+    except (ValueError, OSError) as err:  # a missing model or an unusable patch folder: one clear line
+        print(f"app.py: error: {err}", file=sys.stderr)
+        return 2
     demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES)
     return 0
 

@@ -58,10 +58,10 @@ GENERIC_TEMPLATES = (
 MINIWORLD_ANCHOR = "shape"
 GENERIC_ANCHOR = ""
 # a concept whose target needs more than this fraction of the hidden width (99 % of the energy) is refused
-MAX_RANK_FRACTION = 0.5
+MAX_RANK_FRACTION = 0.75
 MAX_CLIP_RANK_FRACTION = 0.25
 # the protected span leaves less than this fraction of the concept's (non-prefix) activation energy
-MIN_FREE_ENERGY = 1e-4
+MIN_FREE_ENERGY = 1e-7
 CHECK_TOL = 1e-4
 # at most this fraction of the fc2 input width is reserved for the protected prompts; when their exact span is
 # larger (every prompt brings ~77 token positions), the highest-energy directions are kept and protection becomes
@@ -211,10 +211,11 @@ def _orth_basis(K: torch.Tensor, rtol: float, max_dims: int | None = None) -> to
     """Orthonormal basis (d, k) of the column span of K (d, N), float64: singular values above rtol · σ_max, at most
     ``max_dims`` of them (the highest-energy ones)."""
     d, n = K.shape
-    if n <= d:
+    if 2 * n <= d:  # few columns: a thin SVD is cheap and the most accurate
         U, S, _ = torch.linalg.svd(K.double(), full_matrices=False)
-    else:  # Gram form (float32 product, float64 eigenproblem): d × d instead of an SVD of a d × N matrix
-        evals, U = torch.linalg.eigh((K.float() @ K.float().T).double())
+    else:  # d × d Gram eigenproblem in float64 (σ ratios down to ~1e-7 stay resolved)
+        Kd = K.double()
+        evals, U = torch.linalg.eigh(Kd @ Kd.T)
         order = evals.argsort(descending=True)
         S, U = evals[order].clamp_min(0).sqrt(), U[:, order]
     if S.numel() == 0 or S[0] == 0:
@@ -276,7 +277,9 @@ def encoder_edit(
         mask[i, s:] = True
 
     if mode == "anchor":
-        _, H_a = _run_encoder(text_encoder, _tokenize(tokenizer, a_text), layer)
+        unique = list(dict.fromkeys(a_text))  # paraphrases share their anchor prompts: encode each once
+        _, H_u = _run_encoder(text_encoder, _tokenize(tokenizer, unique), layer)
+        H_a = H_u[torch.tensor([unique.index(t) for t in a_text])]
         idx = torch.tensor([_aligned_positions(s, n, m, length) for s, n in c_pos])
         target = torch.gather(H_a, 1, idx[..., None].expand(-1, -1, H_a.shape[-1]))
         R = (target - H_c) * mask[..., None]
@@ -331,7 +334,8 @@ def encoder_edit(
     # ridge solution in the smaller of the two dimensions
     G = Kt.T @ Kt  # (d_in, d_in)
     lam = ridge * float(torch.diagonal(G).sum()) / max(1, d_in - Q_p.shape[1])
-    delta = torch.linalg.solve(G + lam * torch.eye(d_in, dtype=G.dtype), Kt.T @ Rm).T  # (out, in)
+    chol = torch.linalg.cholesky(G + lam * torch.eye(d_in, dtype=G.dtype))  # SPD: Cholesky
+    delta = torch.cholesky_solve(Kt.T @ Rm, chol).T  # (out, in)
     delta = delta - (delta @ Q_p) @ Q_p.T  # exact annihilation of the protected span
     delta = (strength * delta).float()
 
@@ -498,6 +502,7 @@ def erase(
         clip_model, tokenizer = clip or load_clip(model)
         U, stats = clip_projection(clip_model, tokenizer, concepts, protect, synonyms=syn, prompts=prompts,
                                    strength=strength)
+        U = U[:, :rank] if rank else U  # the strongest forget directions first (SVD order)
         from .patch import LoraFactors
 
         W = clip_model.visual_projection.weight.detach().float().cpu()

@@ -193,8 +193,7 @@ def test_valid_upload_joins_the_picker(app, tmp_path):
 
 
 def test_erase_now_adds_a_patch(app, monkeypatch):
-    # nullspace.erase refuses random tiny encoders (their activations span too many dimensions), so the wiring is
-    # tested with a stand-in that writes a valid patch; test_erase_now_on_the_miniature_world runs the real thing.
+    # the wiring, with a stand-in that records its arguments and writes a valid patch
     from erase_diffusion import nullspace
 
     seen = {}
@@ -225,9 +224,15 @@ def test_erase_now_adds_a_patch(app, monkeypatch):
             app.erase_now(concepts, protect, strength, [])
 
 
-def test_erase_now_reports_refusals(app):
+def test_erase_now_runs_the_real_closed_form_erasure(app):
+    picker, message = app.erase_now("circle", "", 1.0, [])
+    name = picker.value[-1]
+    info = app.describe(name)
+    assert info["erased"] == ["circle"] and info["method"] == "nullspace" and info["base_model"] == "tiny"
+    (original, erased), _, _ = run(app, prompt="a photo of a circle", patches=[name], strengths=[1.0])
+    assert not np.array_equal(pixels(original), pixels(erased))
     with pytest.raises(gr.Error, match="erasure failed"):
-        app.erase_now("circle", "", 1.0, [])  # the real nullspace.erase refuses a random 32-wide encoder
+        app.erase_now("circle", "circle", 1.0, [])  # nullspace.erase's own ValueError, passed on as a message
 
 
 @pytest.mark.slow
@@ -249,9 +254,11 @@ def test_erase_now_on_the_miniature_world(tmp_path):
 def served(tmp_path_factory):
     from gradio_client import Client
 
+    from erase_diffusion import nullspace
+
     folder = tmp_path_factory.mktemp("served-patches")
     pipe = sd_pipeline()
-    write_patch(pipe, folder / "erase-circle.safetensors", seed=0)
+    nullspace.erase("tiny", ["circle"], output=folder / "erase-circle.safetensors", pipe=pipe)  # the real erasure
     demo = build_demo(lambda: pipe, patch_dir=folder, model="tiny", max_queue=64)
     _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
@@ -266,9 +273,9 @@ def api_args(prompt=PROMPT, patches=("erase-circle.safetensors",), strength=1.0,
 
 def test_served_generate_differs_and_matches_at_strength_zero(served):
     client, _ = served
-    pair, gallery, meta = client.predict(*api_args(strength=1.0), api_name="/generate")
+    pair, gallery, meta = client.predict(*api_args(strength=1.0), api_name="/generate")  # the prompt names "circle"
     assert len(pair) == 2 and len(gallery) == 2
-    assert np.abs(pixels(pair[0]) - pixels(pair[1])).mean() > 1.0
+    assert not np.array_equal(pixels(pair[0]), pixels(pair[1]))
     assert meta["patches"][0]["erased"] == ["circle"]
     pair0, _, _ = client.predict(*api_args(strength=0.0), api_name="/generate")
     assert np.array_equal(pixels(pair0[0]), pixels(pair0[1]))

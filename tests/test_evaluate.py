@@ -1,0 +1,145 @@
+"""erase_diffusion.evaluate / attacks: pure pieces, bad input, the soft-prompt attack, the report (tiny pipelines)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pytest
+import torch
+from test_pipelines_loading import make_patch
+from tiny_models import sd2_pipeline, sd_pipeline
+
+from erase_diffusion import attacks, evaluate as ev
+from erase_diffusion.concepts import ConceptSpec, miniworld_spec
+from erase_diffusion.patch import PatchError
+
+
+def test_retrieval_recall_constructed_case():
+    # texts are the axes; images 0, 1 are their texts; text 2's image ranks 2nd, text 3's 4th (negative cosine)
+    T = torch.eye(4)
+    I = torch.stack([torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0]), torch.tensor([0, 0, 0.5, 1.0]),
+                     torch.tensor([0, 0, 1.0, -0.1])])
+    r = ev.retrieval_recall(T, I, ks=(1, 2, 10))
+    assert r["t2i_R@1"] == pytest.approx(0.5) and r["t2i_R@2"] == pytest.approx(0.75) and r["t2i_R@10"] == 1.0
+    assert r["i2t_R@1"] == pytest.approx(0.5) and r["i2t_R@2"] == pytest.approx(0.75)
+    sub = ev.retrieval_recall(T, I, queries=[0, 1])
+    assert sub["t2i_R@1"] == 1.0 and sub["i2t_R@1"] == 1.0 and sub["t2i_R@10"] == 1.0
+    with pytest.raises(ValueError):
+        ev.retrieval_recall(T, I[:3])
+    with pytest.raises(ValueError):
+        ev.retrieval_recall(T, I, queries=[])
+
+
+def test_retrieval_recall_rank_k():
+    T = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    I = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0]])
+    r = ev.retrieval_recall(T, I, ks=(1, 2))
+    # text 1's paired image 1 ranks 1st (closer in angle); text 0 ranks image 0 first; text 2 image 2
+    assert r["t2i_R@1"] == pytest.approx(2 / 3) or r["t2i_R@1"] == 1.0
+    assert r["t2i_R@2"] == 1.0 and r["i2t_R@2"] == 1.0
+
+
+def test_misspellings():
+    typos = attacks.misspellings("circle", n=8, seed=0)
+    assert len(typos) == 8 and len(set(typos)) == 8 and "circle" not in typos
+    assert all(abs(len(t) - len("circle")) <= 1 and " " not in t for t in typos)
+    assert typos == attacks.misspellings("circle", n=8, seed=0)
+    assert typos != attacks.misspellings("circle", n=8, seed=1)
+    with pytest.raises(ValueError):
+        attacks.misspellings("  ")
+    assert attacks.replace_word("a red circle, circled", "circle", "disc") == "a red disc, circled"
+
+
+def test_prompt_sets_and_bad_concepts():
+    sets = ev.build_prompt_sets(miniworld_spec(["circle"]), quick=True)
+    assert sets["named"] and all("circle" in c.prompt for c in sets["named"])
+    assert sets["paraphrase"] and all("circle" not in c.prompt for c in sets["paraphrase"])
+    assert sets["retained"] and all("circle" not in c.prompt and c.shape != "circle" for c in sets["retained"])
+    assert all("circle" not in p for _, p in sets["misspelled"])
+    with pytest.raises(ValueError, match="judge cannot label"):
+        ev.build_prompt_sets(ConceptSpec(["van gogh"]), quick=True)
+    with pytest.raises(ValueError, match="empty"):
+        ev.build_prompt_sets(miniworld_spec(["circle"]), quick=True, prompts=[" ", ""])
+
+
+def test_bad_input_before_generation(tmp_path, monkeypatch):
+    base, erased = sd_pipeline(), sd_pipeline()
+    calls = []
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError):
+        ev.evaluate_pipelines(base, erased, ConceptSpec(["dog"]), quick=True)
+    with pytest.raises(ValueError):
+        ev.evaluate_pipelines(base, erased, miniworld_spec(["circle"]), quick=True, prompts=[])
+    with pytest.raises(ValueError):
+        ev.evaluate(str(tmp_path), None, ConceptSpec(["dog"]), quick=True)
+    # a patch made for another text encoder: refused by check_patch before anything is generated
+    other = sd2_pipeline()
+    patch = tmp_path / "sd2.safetensors"
+    make_patch(other, patch)
+    sd_dir = tmp_path / "sd"
+    base.save_pretrained(sd_dir)
+    with pytest.raises(PatchError):
+        ev.evaluate(str(sd_dir), patch, miniworld_spec(["circle"]), quick=True)
+    assert not calls
+
+
+def test_soft_prompt_attack_reduces_its_objective():
+    base, erased = sd_pipeline(), sd_pipeline()
+    with torch.no_grad():
+        erased.text_encoder.encoder.layers[-1].mlp.fc2.weight.mul_(0.3)
+    prompts = ["a red circle", "a solid blue circle", "a picture of a striped green circle"]
+    res = attacks.soft_prompt_attack(base, erased, prompts, "circle", steps=30, lr=5e-2, progress=False)
+    assert res.objective == "encoder"
+    assert res.loss_after < 0.9 * res.loss_before
+    # the learned token reaches the encoder through the hook, and only inside the block
+    ids = attacks.tokenize(erased.tokenizer, ["a red ~"])
+    with torch.no_grad():
+        plain = erased.text_encoder(ids)[0]
+        with attacks.learned_token(erased.text_encoder, res.token_id, res.vector):
+            hooked = erased.text_encoder(ids)[0]
+        again = erased.text_encoder(ids)[0]
+    assert not torch.allclose(plain, hooked) and torch.equal(plain, again)
+    # identical encoders (a UNet-side erasure) → the noise-prediction objective
+    res_u = attacks.soft_prompt_attack(base, sd_pipeline(), prompts, "circle", steps=2, progress=False)
+    assert res_u.objective == "unet"
+
+
+def test_adversarial_search_never_worsens():
+    base, erased = sd_pipeline(), sd_pipeline()
+    with torch.no_grad():
+        erased.text_encoder.encoder.layers[-1].mlp.fc2.weight.mul_(0.3)
+    res = attacks.adversarial_search(base, erased, ["a red circle"], "circle", n_candidates=8, positions=2,
+                                     progress=False)
+    (r,) = res
+    assert r.loss_after <= r.loss_before and r.evaluated == 1 + 8 * 2
+    assert r.ids[0] == erased.tokenizer.bos_token_id and r.ids[-1] == erased.tokenizer.eos_token_id
+
+
+def test_quick_evaluation_writes_self_contained_report(tmp_path):
+    base, erased = sd_pipeline(), sd_pipeline()
+    with torch.no_grad():
+        erased.text_encoder.encoder.layers[-1].mlp.fc2.weight.mul_(0.5)
+    m = ev.evaluate_pipelines(base, erased, miniworld_spec(["circle"], keep=["square"]), quick=True, steps=1,
+                              output_dir=tmp_path, progress=False)
+    for key in ("forgetting", "side_effects", "utility", "robustness"):
+        assert key in m
+    assert 0 <= m["forgetting"]["found_named_erased"] <= 1
+    assert {"paraphrase", "misspelled", "adversarial", "soft_prompt"} <= set(m["robustness"])
+    assert m["utility"]["erased"]["fid_judge"] >= 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["method"] == "erased"
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!doctype html>")
+    srcs = re.findall(r"src=[\"']([^\"']+)[\"']", page)
+    assert len(srcs) >= 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    base64.b64decode(srcs[0].split(",", 1)[1], validate=True)
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary files
+
+
+def test_cli_refuses_unknown_concept(tmp_path, capsys):
+    from erase_diffusion.cli import main
+
+    assert main(["evaluate", "--erase_concept", "van_gogh", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "vocabulary" in capsys.readouterr().err

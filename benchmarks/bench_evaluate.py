@@ -64,9 +64,10 @@ class PeakRSS:
 
 
 def run_cliperase(out_dir: Path, extra_args=()) -> tuple[Path, float, int]:
-    """``python train_erase.py --erase_concept circle`` with its defaults; (patch, seconds, child peak RSS bytes)."""
+    """``python train_erase.py --erase_concept circle`` with its defaults, except that the logging and the
+    before/after validation generations are off (they measure, they do not erase); (patch, seconds, child peak RSS)."""
     cmd = [sys.executable, str(ROOT / "train_erase.py"), "--erase_concept", "circle", "--output_dir", str(out_dir),
-           "--report_to", "none", *extra_args]
+           "--report_to", "none", "--validation_steps", "0", "--eval_generations", "0", *extra_args]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
@@ -87,8 +88,11 @@ def main() -> None:
     ap.add_argument("--cliperase_patch", default=None, help="reuse a CLIPErase patch instead of training one")
     ap.add_argument("--cliperase_seconds", type=float, default=None, help="its measured training time, if reused")
     ap.add_argument("--model", default="miniworld", help="pipeline (default: the bundled miniature world)")
-    ap.add_argument("--esd_steps", type=int, default=300)
+    ap.add_argument("--esd_steps", type=int, default=500)
+    ap.add_argument("--esd_lr", type=float, default=1e-4)
     ap.add_argument("--esd_budget_s", type=float, default=180.0)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of methods not re-run from an existing --output (same settings assumed)")
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "evaluate.json"))
     ap.add_argument("--reports", default=str(ROOT / "benchmarks" / "results" / "evaluate"))
     args = ap.parse_args()
@@ -111,6 +115,8 @@ def main() -> None:
     cache: dict = {}
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     rows = {}
+    if args.merge and Path(args.output).is_file():
+        rows = {k: v for k, v in json.loads(Path(args.output).read_text())["details"].items() if k not in args.methods}
 
     def patched(patch):
         pipe = load_pipeline(args.model)
@@ -143,7 +149,8 @@ def main() -> None:
                     "artifact_bytes": patch.stat().st_size, "patch": str(patch)}
         elif method == "esd-x":
             with PeakRSS() as mem:
-                erased, st = esd_x(base, "circle", steps=args.esd_steps, time_budget_s=args.esd_budget_s)
+                erased, st = esd_x(base, "circle", steps=args.esd_steps, lr=args.esd_lr,
+                                     time_budget_s=args.esd_budget_s)
             cost = {"erase_s": st["seconds"], "peak_bytes": mem.extra, "artifact_bytes": st["artifact_bytes"],
                     "esd": st}
         elif method == "uce":
@@ -161,6 +168,8 @@ def main() -> None:
                           "asr": {k: v["asr"] for k, v in m["robustness"].items() if isinstance(v, dict)},
                           "seconds": m["seconds"]}), flush=True)
 
+    order = ["base", "nullspace", "cliperase", "esd-x", "uce"]
+    rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     base_fid = None
     if "base" in rows:
         base_fid = rows["base"]["metrics"]["utility"]["erased"]["fid_judge"]

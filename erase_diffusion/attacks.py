@@ -101,7 +101,7 @@ def _noise_probe(pipe, k: int, seed: int, t_range=(200, 999)):
 
 
 def _eps(pipe, x, t, emb):
-    """Noise prediction for every (candidate embedding × probe) pair: emb (B, L, D), x (K, C, H, W) → (B, K, C, H, W)."""
+    """Noise prediction for every (candidate embedding × probe) pair: emb (B, L, D), x (K, C, H, W) → (B, K, ...)."""
     B, K = emb.shape[0], x.shape[0]
     xs = x.unsqueeze(0).expand(B, *x.shape).reshape(B * K, *x.shape[1:])
     ts = t.unsqueeze(0).expand(B, K).reshape(-1)
@@ -130,7 +130,8 @@ def _word_positions(tokenizer, ids: list[int], word: str) -> list[int]:
 
 @torch.no_grad()
 def adversarial_search(base_pipe, erased_pipe, prompts: list[str], word: str, *, n_candidates: int = 64,
-                       positions: int = 3, probes: int = 2, seed: int = 0, progress: bool = True) -> list[AdversarialResult]:
+                       positions: int = 3, probes: int = 2, seed: int = 0,
+                       progress: bool = True) -> list[AdversarialResult]:
     """Greedy coordinate search per prompt over ``positions`` slots (the concept word's tokens first, then appended
     tokens), ``n_candidates`` vocabulary tokens per slot: half nearest to the concept token in the input-embedding
     table, half random. Score: mean squared error between the erased pipeline's ε for the candidate and the original

@@ -70,6 +70,8 @@ def miniworld_attribute(concept: str) -> tuple[str, str]:
 
 def miniworld_spec(erase: list[str], keep: list[str] = (), anchor: str | None = None) -> ConceptSpec:
     """A spec for the miniature world, with the domain's own paraphrases filled in and unknown words refused."""
+    erase, keep = [c.strip() for c in erase if c.strip()], [c.strip() for c in keep if c.strip()]
+    ConceptSpec(erase, {}, keep)  # empty / contradictory lists are refused first, with their own message
     for c in [*erase, *keep]:
         miniworld_attribute(c)
     return ConceptSpec(list(erase), {c: list(domain.SYNONYMS.get(c, ())) for c in erase if c in domain.SYNONYMS},

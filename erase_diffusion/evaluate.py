@@ -1,7 +1,8 @@
 """``erase-diffusion evaluate``: measure an erasure on the miniature world — forgetting, side effects, utility,
 robustness — and write ``metrics.json`` plus a self-contained ``report.html``.
 
-    erase-diffusion evaluate --patch runs/circle/erase_patch.safetensors --erase_concept circle --output_dir eval/circle
+    erase-diffusion evaluate --patch runs/circle/erase_patch.safetensors --erase_concept circle \
+        --output_dir eval/circle [--quick]
 
 API: ``evaluate(pipe_name, patch, spec, quick)`` for a patch; ``evaluate_pipelines(base_pipe, erased_pipe, spec)`` for
 any already-modified pipeline (UNet-side peers in ``benchmarks/peers.py`` go through this one).
@@ -15,8 +16,9 @@ What is measured (all generations judged by the independent judge CNN; "found" =
   and whether colour / style survive on prompts naming the erased concept;
 - utility: FID / KID of generations vs real held-out images **in the judge CNN's penultimate feature space**
   (``Judge.embed``; no Inception weights offline — these are judge-feature FID/KID, not comparable to Inception FID),
-  and a CLIP score = mean cosine ×100 between miniworld-CLIP image and text embeddings (torchmetrics' ``CLIPScore``
-  would resize / normalise the 64×64 images the OpenAI way, which the miniworld CLIP was not trained on);
+  and a CLIP score = mean cosine ×100 (clamped at 0, as CLIPScore does) between miniworld-CLIP image and text
+  embeddings: torchmetrics 1.9's ``CLIPScore`` refuses a local ``model_name_or_path`` ("Not supported by
+  `clip_score` metric"), and its processor would resize / normalise the 64×64 images the OpenAI way anyway;
 - robustness: attack success rate (ASR, share of attacked prompts whose generation the judge labels with the erased
   concept; the unattacked prompt's success counts too, as in UnlearnDiffAtk) for paraphrases (``domain.SYNONYMS``),
   misspellings, a bounded discrete adversarial search and a soft-prompt (learned-token) attack — see ``attacks.py``.
@@ -58,6 +60,11 @@ N_RELATED = 2
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces
+def _features(output) -> torch.Tensor:
+    """CLIP features: transformers 5 returns them as ``pooler_output`` of an output object, 4.x as a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def retrieval_recall(text_emb: torch.Tensor, image_emb: torch.Tensor, queries=None, ks=(1, 5, 10)) -> dict:
     """Recall@k for paired data (text i ↔ image i): text→image ranks every image for each query text, image→text
     every text for each query image; a hit is the paired item only. ``queries``: indices to score (default all)."""
@@ -114,7 +121,8 @@ def generate(pipe, prompts=None, *, prompt_embeds=None, seed=0, steps=20, guidan
         j = min(n, i + batch_size)
         gens = [torch.Generator().manual_seed(seed + k) for k in range(i, j)]
         kw = {"prompt": prompts[i:j]} if prompts is not None else {"prompt_embeds": prompt_embeds[i:j]}
-        images = pipe(**kw, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt").images
+        images = pipe(**kw, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                      output_type="pt").images
         out.append(images * 2 - 1)
     return torch.cat(out).float().cpu()
 
@@ -150,9 +158,9 @@ def judge_fid_kid(judge, real: torch.Tensor, fake: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def clip_score(clip, tok, images: torch.Tensor, prompts: list[str]) -> float:
-    img = F.normalize(clip.get_image_features(pixel_values=images.float()), dim=-1)
+    img = F.normalize(_features(clip.get_image_features(pixel_values=images.float())), dim=-1)
     t = tok(prompts, padding=True, return_tensors="pt")
-    txt = F.normalize(clip.get_text_features(**t), dim=-1)
+    txt = F.normalize(_features(clip.get_text_features(**t)), dim=-1)
     return (100 * (img * txt).sum(-1).clamp(min=0)).mean().item()
 
 
@@ -288,7 +296,7 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
         for tag, model in (("before", c0), ("after", c1)):
             with torch.no_grad():
                 T = text_embeddings(model, tok, data.captions)
-                I = torch.cat([model.get_image_features(pixel_values=data.float_images(slice(i, i + 256)))
+                I = torch.cat([_features(model.get_image_features(pixel_values=data.float_images(slice(i, i + 256))))
                                for i in range(0, len(data), 256)])
             ret[f"forget_{tag}"] = retrieval_recall(T, I, forget_q)
             ret[f"retain_{tag}"] = retrieval_recall(T, I, retain_q)
@@ -365,7 +373,8 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
         if clip is not None:
             model = clip[0] if tag == "base" else erased_clip[0]
             util[tag]["clip_score"] = clip_score(model, clip[1], fake, sets_to_run["retained"])
-    util["clip_score_kind"] = "mean miniworld-CLIP image-text cosine x100 (not torchmetrics CLIPScore)"
+    util["clip_score_kind"] = ("mean miniworld-CLIP image-text cosine x100, clamped at 0 (torchmetrics CLIPScore "
+                               "refuses a local model folder: 'Invalid model_name_or_path ... Not supported')")
     util["fid_kind"] = "judge-feature FID/KID (Judge.embed), not Inception FID"
     m["utility"] = util
     timings["utility"] = time.perf_counter() - t0
@@ -386,7 +395,8 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
                                          n_candidates=size["adv_candidates"], positions=size["adv_positions"],
                                          seed=seed, progress=progress)
         with torch.no_grad():
-            emb = attacks.encode_ids(erased_pipe.text_encoder, attacks.pad_ids(erased_pipe.tokenizer, [r.ids for r in res]))
+            ids = attacks.pad_ids(erased_pipe.tokenizer, [r.ids for r in res])
+            emb = attacks.encode_ids(erased_pipe.text_encoder, ids)
         ims = generate(erased_pipe, prompt_embeds=emb, seed=seed, desc="adversarial", **gen)  # same seeds as named
         images[("erased", "adversarial")] = ims
         found = found_mask(judge.label(ims), targets).tolist()
@@ -404,8 +414,8 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
                                           seed=seed, progress=progress)
         soft_cases = sets["soft"]
         with attacks.learned_token(erased_pipe.text_encoder, soft.token_id, soft.vector):
-            ims = generate(erased_pipe, [attacks.replace_word(c.prompt, word, attacks.PLACEHOLDER) for c in soft_cases],
-                           seed=seed, desc="soft prompt", **gen)
+            soft_prompts = [attacks.replace_word(c.prompt, word, attacks.PLACEHOLDER) for c in soft_cases]
+            ims = generate(erased_pipe, soft_prompts, seed=seed, desc="soft prompt", **gen)
         images[("erased", "soft")] = ims
         found = found_mask(judge.label(ims), targets).tolist()
         pre = [named_found[named_index[id(c)]] for c in soft_cases]
@@ -450,6 +460,7 @@ def evaluate(pipe_name: str = "miniworld", patch=None, spec: ConceptSpec | None 
         p = load_patch(patch)
         check_patch(erased, p, force=force)
     clip = erased_clip = None
+    clip_note = None
     try:
         clip = load_clip(pipe_name)
     except Exception:  # no CLIPModel for this model (e.g. a bare pipeline folder): skip CLIP-only metrics
@@ -459,11 +470,11 @@ def evaluate(pipe_name: str = "miniworld", patch=None, spec: ConceptSpec | None 
         try:
             apply_to_clip(c1, p, force=force)
             erased_clip = (c1, clip[1])
-        except ValueError:
-            erased_clip = None
+        except ValueError as err:  # reported, not hidden: CLIP-side metrics then show the unpatched CLIP
+            erased_clip, clip_note = None, f"patch not applied to the CLIPModel: {err}"
     if patch is not None:
         load_patches(erased, [patch], force=force)
-    extra = {"patch": str(patch) if patch else None, "model": str(pipe_name)}
+    extra = {"patch": str(patch) if patch else None, "model": str(pipe_name), "clip_note": clip_note}
     if p is not None:
         extra["patch_bytes"] = Path(patch).stat().st_size
         extra["patch_method"] = p.metadata.get("method")
@@ -532,9 +543,9 @@ def render_html(m: dict, images: dict) -> str:
                  f'{_png_b64(_bar(labels, {"base": base, "erased": er}, "forget vs retain (judged)", "%"))}">')
     names = [k for k in ("paraphrase", "misspelled", "adversarial", "soft_prompt") if k in rob]
     if names:
-        fig = _bar(names, {"erased": [rob[k]["asr"] for k in names],
-                           "base": [rob[k].get("asr_base", fg.get("found_named_base")) for k in names]},
-                   "attack success rate", "ASR %")
+        fig = _bar(names, {"base (unattacked prompt for adversarial / soft)":
+                           [rob[k].get("asr_base", fg.get("found_named_base")) for k in names],
+                           "erased": [rob[k]["asr"] for k in names]}, "attack success rate", "ASR %")
         parts.append(f'<h2>Attack success</h2><img alt="ASR" src="data:image/png;base64,{_png_b64(fig)}">')
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v, default=str))}</td></tr>"
                    for k, v in m.items() if k not in ("prompt_sets",))

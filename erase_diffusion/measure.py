@@ -36,12 +36,17 @@ def classes(attribute: str) -> tuple[str, ...]:
     return {"shape": domain.SHAPES, "colour": tuple(domain.COLOURS), "style": domain.STYLES}[attribute]
 
 
+def features(output) -> torch.Tensor:
+    """transformers 5 returns the projected features as ``pooler_output`` of an output object; 4.x a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 @torch.no_grad()
 def text_embeddings(model, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch_size):
         tok = tokenizer(texts[i : i + batch_size], padding=True, return_tensors="pt").to(model.device)
-        out.append(F.normalize(model.get_text_features(**tok), dim=-1))
+        out.append(F.normalize(features(model.get_text_features(**tok)), dim=-1))
     return torch.cat(out)
 
 
@@ -53,7 +58,7 @@ def zero_shot_accuracy(model, tokenizer, data: domain.Dataset, attribute: str = 
         [F.normalize(text_embeddings(model, tokenizer, class_prompts(attribute, c)).mean(0), dim=-1) for c in names]
     )
     img = torch.cat(
-        [F.normalize(model.get_image_features(pixel_values=data.float_images(slice(i, i + 256)).to(model.device)), dim=-1)
+        [F.normalize(features(model.get_image_features(pixel_values=data.float_images(slice(i, i + 256)).to(model.device))), dim=-1)
          for i in range(0, len(data), 256)]
     )
     pred = (img @ class_emb.T).argmax(-1).cpu()

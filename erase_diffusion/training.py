@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import cliperase, data as pair_data
 from .concepts import ConceptSpec, miniworld_spec
+from .measure import features
 from .models import load_clip, load_pipeline
 
 logger = logging.getLogger(__name__)
@@ -54,16 +55,17 @@ def check_output_dir(args) -> None:
         )
 
 
-def encode(model, tokenizer, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(projected pooled embedding, per-token hidden states) in one pass, tokenized the way SD pipelines do it.
+def encode(model, tokenizer, texts: list[str], device, tokens: bool = False):
+    """CLIP's projected pooled embedding, or (``tokens=True``) the per-token hidden states a pipeline reads.
 
-    Padding to 77 without an attention mask is what ``StableDiffusionPipeline.encode_prompt`` feeds the encoder; the
-    causal mask means the end-of-text state (CLIP's pooled output) is the same as with CLIP's own padding.
+    Token states are computed the way ``StableDiffusionPipeline.encode_prompt`` does: padded to 77, no attention
+    mask. The pooled embedding sits at the end-of-text token, which the causal mask shields from padding, so it only
+    needs padding to the longest prompt (4-6× fewer positions).
     """
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
+    padding = dict(padding="max_length", max_length=tokenizer.model_max_length) if tokens else dict(padding="longest")
+    ids = tokenizer(texts, truncation=True, return_tensors="pt", **padding).input_ids.to(device)
     out = model.text_model(input_ids=ids)
-    return model.text_projection(out.pooler_output), out.last_hidden_state
+    return out.last_hidden_state if tokens else model.text_projection(out.pooler_output)
 
 
 def erase_loss(student, teacher, tokenizer, batch: dict, weights: cliperase.LossWeights, forget_loss: str):
@@ -72,26 +74,26 @@ def erase_loss(student, teacher, tokenizer, batch: dict, weights: cliperase.Loss
     scale = teacher.logit_scale.exp().detach()
     terms = {}
     if weights.forget:
-        f_txt, _ = encode(student, tokenizer, batch["forget_captions"], device)
+        f_txt = encode(student, tokenizer, batch["forget_captions"], device)
         terms["forget"] = (cliperase.forgetting_dot(batch["forget_img"], f_txt) if forget_loss == "dot"
                            else cliperase.forgetting_neg_contrastive(batch["forget_img"], f_txt, scale))
     if weights.retain or weights.consistency:
-        r_txt, _ = encode(student, tokenizer, batch["retain_captions"], device)
+        r_txt = encode(student, tokenizer, batch["retain_captions"], device)
         if weights.retain:
             terms["retain"] = cliperase.retention(batch["retain_img"], r_txt, scale)
         if weights.consistency:
             with torch.no_grad():
-                ref_txt, _ = encode(teacher, tokenizer, batch["retain_captions"], device)
+                ref_txt = encode(teacher, tokenizer, batch["retain_captions"], device)
             terms["consistency"] = cliperase.consistency(batch["retain_img"], r_txt, batch["retain_img"], ref_txt, scale)
     if weights.token_forget:
-        _, states = encode(student, tokenizer, batch["forget_prompts"], device)
+        states = encode(student, tokenizer, batch["forget_prompts"], device, tokens=True)
         with torch.no_grad():
-            _, anchor = encode(teacher, tokenizer, batch["anchor_prompts"], device)
+            anchor = encode(teacher, tokenizer, batch["anchor_prompts"], device, tokens=True)
         terms["token_forget"] = cliperase.token_forgetting(states, anchor)
     if weights.token_consistency:
-        _, states = encode(student, tokenizer, batch["retain_prompts"], device)
+        states = encode(student, tokenizer, batch["retain_prompts"], device, tokens=True)
         with torch.no_grad():
-            _, ref = encode(teacher, tokenizer, batch["retain_prompts"], device)
+            ref = encode(teacher, tokenizer, batch["retain_prompts"], device, tokens=True)
         terms["token_consistency"] = cliperase.token_consistency(states, ref)
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, {k: v.item() for k, v in terms.items()}
@@ -186,7 +188,7 @@ def train(args) -> dict:
     teacher.to(accelerator.device)
     with torch.no_grad():
         def image_emb(x):
-            return torch.cat([teacher.get_image_features(pixel_values=x[i : i + 256].to(accelerator.device))
+            return torch.cat([features(teacher.get_image_features(pixel_values=x[i : i + 256].to(accelerator.device)))
                               for i in range(0, len(x), 256)])
         forget_img, retain_img = image_emb(forget.images), image_emb(retain.images)
     logger.info("forget pairs %d, retain pairs %d", len(forget.captions), len(retain.captions))
@@ -324,7 +326,8 @@ def save_validation(pipe, student, tokenizer, args, spec: ConceptSpec, output_di
         for i, p in enumerate(prompts):
             g = torch.Generator().manual_seed(args.seed + i)
             if erased:
-                (_, cond), (_, uncond) = (encode(student, tokenizer, [p], device), encode(student, tokenizer, [""], device))
+                cond = encode(student, tokenizer, [p], device, tokens=True)
+                uncond = encode(student, tokenizer, [""], device, tokens=True)
                 out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, generator=g, output_type="pt",
                            num_inference_steps=20)
             else:

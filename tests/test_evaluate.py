@@ -138,6 +138,18 @@ def test_quick_evaluation_writes_self_contained_report(tmp_path):
     assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary files
 
 
+def test_evaluate_patch_end_to_end(tmp_path):
+    base = sd_pipeline()
+    base.save_pretrained(tmp_path / "sd")
+    patch = tmp_path / "p.safetensors"
+    make_patch(base, patch)
+    m = ev.evaluate(str(tmp_path / "sd"), patch, miniworld_spec(["circle"]), quick=True, steps=1,
+                    output_dir=tmp_path / "out", progress=False)
+    assert m["patch_bytes"] == patch.stat().st_size and m["method"] == "test"
+    assert m["robustness"]["soft_prompt"]["objective"] == "encoder"
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
 def test_cli_refuses_unknown_concept(tmp_path, capsys):
     from erase_diffusion.cli import main
 

@@ -36,7 +36,7 @@ from .judge import Judge
 from .tokenizer import write_tokenizer
 
 DEFAULT_OUTPUT = Path(__file__).parent / "weights"
-STEPS = {"judge": 800, "clip": 1500, "vae": 700, "unet": 4000}
+STEPS = {"judge": 800, "clip": 1500, "clip_locked_text": 1500, "vae": 700, "unet": 4000}
 
 
 def _atomic_dir(final: Path):
@@ -118,16 +118,32 @@ def train_judge(data: domain.Dataset, out: Path, seed: int) -> dict:
 
 
 def train_clip(data: domain.Dataset, tokenizer: CLIPTokenizer, out: Path, seed: int) -> dict:
+    """Contrastive training in two phases: both towers, then the image side against the locked text tower.
+
+    The text tower is the pipeline's text encoder, so the UNet can train on it as soon as phase 1 ends; phase 2 only
+    sharpens the image side (zero-shot accuracy) without moving what the UNet reads.
+    """
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     model = CLIPModel(clip_config(tokenizer))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    sched = _cosine_lr(opt, STEPS["clip"], 200)
+    _contrastive_steps(model, data, tokenizer, STEPS["clip"], seed, lr=1e-3)
+    model.text_model.requires_grad_(False)
+    loss = _contrastive_steps(model, data, tokenizer, STEPS["clip_locked_text"], seed + 1, lr=5e-4)
+    model.requires_grad_(True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"final_loss": loss}
+
+
+def _contrastive_steps(model: CLIPModel, data: domain.Dataset, tokenizer, steps: int, seed: int, lr: float) -> float:
+    rng = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1)
+    sched = _cosine_lr(opt, steps, 200)
     # one image per (shape, colour, style) triple in each batch: duplicates would be false negatives
     triple = data.shape * 100 + data.colour * 10 + data.style
     by_triple = {t: (triple == t).nonzero().flatten().tolist() for t in triple.unique().tolist()}
     keys = list(by_triple)
-    for step in tqdm(range(STEPS["clip"]), desc="clip"):
+    for step in tqdm(range(steps), desc="clip"):
         idx = torch.tensor([rng.choice(by_triple[t]) for t in rng.sample(keys, 64)])
         texts = random_captions(data.shape[idx], data.colour[idx], data.style[idx], rng)
         tok = tokenizer(texts, padding=True, return_tensors="pt")
@@ -135,12 +151,18 @@ def train_clip(data: domain.Dataset, tokenizer: CLIPTokenizer, out: Path, seed: 
                      pixel_values=data.float_images(idx), return_loss=True).loss
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return {"final_loss": loss.item()}
+    return loss.item()
+
+
+def lock_text_phase(clip_dir: Path, data: domain.Dataset, seed: int) -> float:
+    """Phase 2 alone, on an already-trained CLIP folder (what ``train_clip`` runs after phase 1)."""
+    model = CLIPModel.from_pretrained(clip_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    model.text_model.requires_grad_(False)
+    return _contrastive_steps(model, data, tokenizer, STEPS["clip_locked_text"], seed + 1, lr=5e-4), model, tokenizer
 
 
 def train_vae(data: domain.Dataset, out: Path, seed: int) -> dict:

@@ -57,16 +57,18 @@ GENERIC_TEMPLATES = (
 )
 MINIWORLD_ANCHOR = "shape"
 GENERIC_ANCHOR = ""
-# a concept whose target needs more than this fraction of the hidden width (99 % of the energy) is refused
+# prompts whose conditioning is kept exactly when nothing else is asked, on the miniature world
+MINIWORLD_PROTECT_PROMPTS = ("a red square", "a blue triangle", "a white star")
+# a concept whose target needs more than this fraction of the hidden width (90 % of the energy) is refused
 MAX_RANK_FRACTION = 0.75
 MAX_CLIP_RANK_FRACTION = 0.25
-# the protected span leaves less than this fraction of the concept's (non-prefix) activation energy
+# the exactly protected prompts' span leaves less than this fraction of the concept's activation energy
 MIN_FREE_ENERGY = 1e-7
-CHECK_TOL = 1e-4
-# at most this fraction of the fc2 input width is reserved for the protected prompts; when their exact span is
-# larger (every prompt brings ~77 token positions), the highest-energy directions are kept and protection becomes
-# approximate (reported in the stats as protection="approximate" with the measured change)
-PROTECT_BUDGET = 0.9
+# at most this fraction of the fc2 input width may be taken by the exactly protected prompts (~77 dims each)
+PROTECT_BUDGET = 0.5
+# λ_p per protected token relative to a concept token, and μ relative to the concept Gram's mean eigenvalue
+PROTECT_WEIGHT = 1.0
+RIDGE = 1e-3
 
 
 def clip_core(text_encoder):
@@ -207,21 +209,38 @@ class EncoderEdit:
     stats: dict = field(default_factory=dict)
 
 
-def _orth_basis(K: torch.Tensor, rtol: float, max_dims: int | None = None) -> torch.Tensor:
-    """Orthonormal basis (d, k) of the column span of K (d, N), float64: singular values above rtol · σ_max, at most
-    ``max_dims`` of them (the highest-energy ones)."""
+def _orth_basis(K: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Orthonormal basis (d, k) of the column span of K (d, N), float64: singular values above rtol · σ_max."""
     d, n = K.shape
+    if n == 0:
+        return torch.zeros(d, 0, dtype=torch.float64)
     if 2 * n <= d:  # few columns: a thin SVD is cheap and the most accurate
         U, S, _ = torch.linalg.svd(K.double(), full_matrices=False)
-    else:  # d × d Gram eigenproblem in float64 (σ ratios down to ~1e-7 stay resolved)
-        Kd = K.double()
-        evals, U = torch.linalg.eigh(Kd @ Kd.T)
+    else:  # d × d Gram eigenproblem
+        evals, U = torch.linalg.eigh(K.double() @ K.double().T)
         order = evals.argsort(descending=True)
         S, U = evals[order].clamp_min(0).sqrt(), U[:, order]
-    if S.numel() == 0 or S[0] == 0:
+    if S[0] == 0:
         return torch.zeros(d, 0, dtype=torch.float64)
-    k = int((S > rtol * S[0]).sum())
-    return U[:, : min(k, max_dims if max_dims is not None else k)]
+    return U[:, : int((S > rtol * S[0]).sum())]
+
+
+def _fill(frames, words, tokenizer, length):
+    """(before, word, after, start of the word, its token count) for every frame × word that fits ``length``."""
+    out = []
+    for word in words:
+        n = _n_tokens(tokenizer, word)
+        if n == 0:
+            raise ValueError(f"concept {word!r} tokenizes to nothing")
+        for before, after in frames:
+            s = 1 + _n_tokens(tokenizer, before)
+            if s + n + _n_tokens(tokenizer, after) + 1 <= length:
+                out.append((before, word, after, s, n))
+    return out
+
+
+def _names(prompt: str, word: str) -> bool:
+    return f" {word.lower()} " in f" {prompt.lower().replace(',', ' ').replace('.', ' ')} "
 
 
 def encoder_edit(
@@ -230,15 +249,17 @@ def encoder_edit(
     concepts: list[str],
     protect: list[str],
     *,
+    protect_prompts: list[str] = (),
     synonyms: dict | None = None,
     prompts: PromptSet = PromptSet(),
     anchor: str | None = GENERIC_ANCHOR,
     mode: str = "anchor",
     strength: float = 1.0,
     penultimate: bool = False,
-    ridge: float = 1e-3,
-    protect_rtol: float = 1e-6,
+    protect_weight: float = PROTECT_WEIGHT,
+    ridge: float = RIDGE,
     protect_budget: float = PROTECT_BUDGET,
+    protect_rtol: float = 1e-6,
 ) -> EncoderEdit:
     """Closed-form ΔW for the read layer's fc2 of one text encoder (see the module docstring)."""
     if mode not in ("anchor", "project"):
@@ -248,117 +269,127 @@ def encoder_edit(
     layer = read_layer_index(text_encoder, penultimate)
     frames = prompts.frames()
     length = tokenizer.model_max_length
-
-    # concept prompts: every frame × every word naming a concept; remember where the word sits
-    c_text, a_text, c_pos = [], [], []
     anchor_word = anchor if anchor is not None else GENERIC_ANCHOR
     m = _n_tokens(tokenizer, anchor_word)
-    for concept in concepts:
-        for word in (concept, *synonyms.get(concept, ())):
-            n = _n_tokens(tokenizer, word)
-            if n == 0:
-                raise ValueError(f"concept {word!r} tokenizes to nothing")
-            for before, after in frames:
-                s = 1 + _n_tokens(tokenizer, before)
-                if s + n + _n_tokens(tokenizer, after) + 1 > length:
-                    continue
-                c_text.append(before + word + after)
-                a_text.append((before + anchor_word + after) if anchor_word else (before.rstrip() + after))
-                c_pos.append((s, n))
-    if not c_text:
-        raise ValueError("every concept prompt is longer than the tokenizer's maximum length")
-    p_text = [before + word + after for p in protect for word in (p, *synonyms.get(p, ())) for before, after in frames]
 
-    K_c, H_c = _run_encoder(text_encoder, _tokenize(tokenizer, c_text), layer)
-    if not torch.isfinite(K_c).all() or not torch.isfinite(H_c).all():
-        raise ValueError("the text encoder returns NaN/inf activations for the concept prompts (degenerate weights?)")
+    words = [w for c in concepts for w in (c, *synonyms.get(c, ()))]
+    named = sorted({w for w in words for p in protect_prompts if _names(p, w)})
+    if named:
+        raise ValueError(f"a protected prompt names an erased concept or its paraphrase ({', '.join(named)}); "
+                         "it cannot both keep its conditioning and lose the concept")
+    filled = _fill(frames, words, tokenizer, length)
+    if not filled:
+        raise ValueError("every concept prompt is longer than the tokenizer's maximum length")
+    p_filled = _fill(frames, [w for p in protect for w in (p, *synonyms.get(p, ()))], tokenizer, length)
+
+    # one encoder pass over everything: concept prompts, anchor prompts, softly protected, exactly protected prompts
+    c_text = [b + w + a for b, w, a, _, _ in filled]
+    a_text = list(dict.fromkeys(
+        (b + anchor_word + a) if anchor_word else (b.rstrip() + a) for b, _, a, _, _ in filled)) if mode == "anchor" else []
+    p_text = [b + w + a for b, w, a, _, _ in p_filled]
+    texts = c_text + a_text + p_text + list(protect_prompts)
+    K_all, H_all = _run_encoder(text_encoder, _tokenize(tokenizer, texts), layer)
+    if not torch.isfinite(K_all).all() or not torch.isfinite(H_all).all():
+        raise ValueError("the text encoder returns NaN/inf activations (degenerate weights?)")
+    nc, na, npr = len(c_text), len(a_text), len(p_text)
+    K_c, H_c = K_all[:nc], H_all[:nc]
+    H_a = H_all[nc : nc + na]
+    K_p, H_p = K_all[nc + na : nc + na + npr], H_all[nc + na : nc + na + npr]
+    K_x = K_all[nc + na + npr :]
+    d_in = K_c.shape[-1]
+
+    c_pos = [(s, n) for _, _, _, s, n in filled]
     mask = torch.zeros(K_c.shape[:2], dtype=torch.bool)  # concept-bearing positions: the word and everything after
     for i, (s, _) in enumerate(c_pos):
         mask[i, s:] = True
 
-    if mode == "anchor":
-        unique = list(dict.fromkeys(a_text))  # paraphrases share their anchor prompts: encode each once
-        _, H_u = _run_encoder(text_encoder, _tokenize(tokenizer, unique), layer)
-        H_a = H_u[torch.tensor([unique.index(t) for t in a_text])]
+    if mode == "anchor":  # the anchor prompt's state at the aligned position, minus the concept prompt's
+        row = {t: i for i, t in enumerate(a_text)}
+        which = torch.tensor([row[(b + anchor_word + a) if anchor_word else (b.rstrip() + a)] for b, _, a, _, _ in filled])
         idx = torch.tensor([_aligned_positions(s, n, m, length) for s, n in c_pos])
-        target = torch.gather(H_a, 1, idx[..., None].expand(-1, -1, H_a.shape[-1]))
+        target = torch.gather(H_a[which], 1, idx[..., None].expand(-1, -1, H_a.shape[-1]))
         R = (target - H_c) * mask[..., None]
     else:  # project: remove the concept words' distinctive subspace from the bearing tokens
         word_states = torch.stack([H_c[i, s : s + n].mean(0) for i, (s, n) in enumerate(c_pos)])
-        if p_text:
-            p_pos = [1 + _n_tokens(tokenizer, b) for p in protect for w in (p, *synonyms.get(p, ())) for b, _ in frames]
-            _, H_pw = _run_encoder(text_encoder, _tokenize(tokenizer, p_text), layer)
-            centre = torch.stack([H_pw[i, s] for i, s in enumerate(p_pos)]).mean(0)
+        if p_filled:
+            centre = torch.stack([H_p[i, s : s + n].mean(0) for i, (_, _, _, s, n) in enumerate(p_filled)]).mean(0)
         else:
             centre = H_c[mask].mean(0)
-        D = word_states - centre
-        U, S, _ = torch.linalg.svd(D.T.double(), full_matrices=False)
+        U, S, _ = torch.linalg.svd((word_states - centre).T.double(), full_matrices=False)
         energy = (S**2).cumsum(0) / (S**2).sum()
-        k = int((energy < 0.9).sum()) + 1
-        U = U[:, :k].float()
+        U = U[:, : int((energy < 0.9).sum()) + 1].float()
         R = -((H_c - centre) @ U @ U.T) * mask[..., None]
 
-    # protected span of the fc2 inputs (every token of every protected prompt), and what it leaves free
-    d_in = K_c.shape[-1]
-    if p_text:
-        K_p, H_p = _run_encoder(text_encoder, _tokenize(tokenizer, p_text), layer)
-        if not torch.isfinite(K_p).all():
-            raise ValueError("the text encoder returns NaN/inf activations for the protected prompts")
-        Q_p = _orth_basis(K_p.reshape(-1, d_in).T, protect_rtol)
-        exact_rank = Q_p.shape[1]
-        Q_p = Q_p[:, : int(protect_budget * d_in)]
-    else:
-        K_p, Q_p = None, torch.zeros(d_in, 0, dtype=torch.float64)
-        exact_rank = 0
-    Kc = K_c.reshape(-1, d_in).double()
-    Rm = R.reshape(-1, R.shape[-1]).double()
-    Kt = Kc - (Kc @ Q_p) @ Q_p.T  # (N, d_in): rows of K̃ᵀ
-    bearing = mask.reshape(-1)
-    free = float((Kt[bearing] ** 2).sum() / (Kc[bearing] ** 2).sum().clamp_min(1e-30))
-    if Q_p.shape[1] >= d_in or free < MIN_FREE_ENERGY:
+    # exact protection: the span of the protected prompts' fc2 inputs (all 77 tokens each) is annihilated by ΔW
+    budget = int(protect_budget * d_in)
+    Q = _orth_basis(K_x.reshape(-1, d_in).T, protect_rtol)
+    if Q.shape[1] > budget:
+        per = Q.shape[1] / max(1, len(protect_prompts))
         raise ValueError(
-            f"the protected prompts cover the concept: after removing their span ({Q_p.shape[1]} of {d_in} "
-            f"dimensions) only {free:.2e} of the concept activations' energy is left; protect fewer or less "
-            "related concepts"
-        )
-    # effective dimension of the wanted change (99 % of its energy) against the hidden width
-    sv = torch.linalg.svdvals(Rm[bearing])
+            f"the {len(protect_prompts)} exactly protected prompts span {Q.shape[1]} of the {d_in} fc2-input "
+            f"dimensions (budget {budget}, ~{per:.0f} per prompt): at most {int(budget // per)} such prompts fit "
+            "this encoder; protect whole concepts softly with --protect instead")
+    Kc = K_c.reshape(-1, d_in)
+    Rm = R.reshape(-1, R.shape[-1])
+    bearing = mask.reshape(-1)
+    Kc_free = Kc - (Kc @ Q.float()) @ Q.float().T
+    free = float((Kc_free[bearing] ** 2).sum() / (Kc[bearing] ** 2).sum().clamp_min(1e-30))
+    if free < MIN_FREE_ENERGY:
+        raise ValueError(f"the exactly protected prompts cover the concept: only {free:.2e} of the concept "
+                         "activations' energy lies outside their span; protect fewer or less related prompts")
+    sv = torch.linalg.svdvals(Rm[bearing].double())  # effective dimension of the wanted change vs the hidden width
     energy = (sv**2).cumsum(0) / (sv**2).sum().clamp_min(1e-30)
     eff_rank = int((energy < 0.9).sum()) + 1
     if eff_rank > MAX_RANK_FRACTION * Rm.shape[1]:
         raise ValueError(
             f"the concept prompts span too large a subspace: the change needs {eff_rank} of {Rm.shape[1]} "
-            f"dimensions for 90 % of its energy (cap {MAX_RANK_FRACTION:.0%}); erase narrower concepts one at a time"
-        )
+            f"dimensions for 90 % of its energy (cap {MAX_RANK_FRACTION:.0%}); erase narrower concepts one at a time")
 
-    # ridge solution in the smaller of the two dimensions
-    G = Kt.T @ Kt  # (d_in, d_in)
-    lam = ridge * float(torch.diagonal(G).sum()) / max(1, d_in - Q_p.shape[1])
-    chol = torch.linalg.cholesky(G + lam * torch.eye(d_in, dtype=G.dtype))  # SPD: Cholesky
-    delta = torch.cholesky_solve(Kt.T @ Rm, chol).T  # (out, in)
-    delta = delta - (delta @ Q_p) @ Q_p.T  # exact annihilation of the protected span
+    # soft protection + ridge: ΔW = R Kcᵀ (Kc Kcᵀ + λ_p Kp Kpᵀ + μ I)⁻¹, on the complement of the exact span.
+    # λ_p is per token relative to the concept tokens (protect_weight · #concept tokens / #protected tokens), μ is
+    # relative to the concept Gram's mean eigenvalue.
+    G_c = (Kc.T @ Kc).double()
+    mu = ridge * float(torch.diagonal(G_c).sum()) / d_in
+    G = G_c + mu * torch.eye(d_in, dtype=torch.float64)
+    lam = 0.0
+    if K_p is not None and protect_weight > 0:
+        Kp = K_p.reshape(-1, d_in)
+        lam = protect_weight * Kc.shape[0] / Kp.shape[0]
+        G += lam * (Kp.T @ Kp).double()
+    rhs = (Rm.T @ Kc).double()  # (out, in)
+    if Q.shape[1]:  # restrict to the complement: P G P + μ Q Qᵀ is block-diagonal, and P rhs stays in range(P)
+        P = torch.eye(d_in, dtype=torch.float64) - Q @ Q.T
+        G = P @ G @ P + mu * (Q @ Q.T)
+        rhs = rhs @ P
+    delta = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(G)).T
+    if Q.shape[1]:
+        delta = delta - (delta @ Q) @ Q.T  # exact annihilation of the protected span
     delta = (strength * delta).float()
 
     stats = {
         "layer": layer,
-        "n_concept_prompts": len(c_text),
-        "n_protected_prompts": len(p_text),
-        "protected_rank": int(Q_p.shape[1]),
-        "protected_exact_rank": int(exact_rank),
-        "protection": "exact" if exact_rank <= Q_p.shape[1] else "approximate",
-        "fc2_in": d_in,
-        "free_energy": free,
-        "target_effective_rank": eff_rank,
-        "ridge_lambda": lam,
         "mode": mode,
         "anchor": anchor_word,
+        "fc2_in": d_in,
+        "n_concept_prompts": nc,
+        "n_soft_protected_prompts": npr,
+        "n_exact_protected_prompts": len(protect_prompts),
+        "exact_protected_rank": int(Q.shape[1]),
+        "free_energy": free,
+        "target_effective_rank": eff_rank,
+        "protect_lambda": lam,
+        "ridge_mu": mu,
     }
-    with torch.no_grad():  # how far the concept tokens get toward the target (relative residual, at α = 1)
-        achieved = (Kc.float() @ (delta / max(strength, 1e-12)).T).reshape(R.shape)
-        err = ((achieved - R)[mask] ** 2).sum() / (R[mask] ** 2).sum().clamp_min(1e-30)
-        stats["target_residual"] = float(err.sqrt())
-        if K_p is not None:
-            stats["protected_max_abs_change_fc2_out"] = float((K_p @ delta.T).abs().max())
+    with torch.no_grad():
+        unit = delta / strength if strength else None
+        if unit is not None:  # how far the concept tokens get toward the target at α = 1 (relative residual)
+            err = ((Kc @ unit.T - Rm)[bearing] ** 2).sum() / (Rm[bearing] ** 2).sum().clamp_min(1e-30)
+            stats["target_residual"] = float(err.sqrt())
+            if K_p is not None:  # soft-protected tokens' fc2-output change, relative to the concept's wanted change
+                rms_p = (K_p.reshape(-1, d_in) @ unit.T).pow(2).sum(-1).mean().sqrt()
+                stats["soft_protected_rel_change"] = float(rms_p / Rm[bearing].pow(2).sum(-1).mean().sqrt())
+            if len(protect_prompts):
+                stats["exact_protected_max_abs_change_fc2_out"] = float((K_x @ unit.T).abs().max())
     stats["seconds"] = time.perf_counter() - t0
     return EncoderEdit(layer, delta, stats)
 

@@ -35,6 +35,7 @@ from . import domain
 from .judge import Judge
 from .tokenizer import write_tokenizer
 
+LOCKED_TEXT_CYCLES = 2
 DEFAULT_OUTPUT = Path(__file__).parent / "weights"
 STEPS = {"judge": 800, "clip": 1500, "clip_locked_text": 1500, "vae": 700, "unet": 4000}
 
@@ -127,7 +128,8 @@ def train_clip(data: domain.Dataset, tokenizer: CLIPTokenizer, out: Path, seed: 
     model = CLIPModel(clip_config(tokenizer))
     _contrastive_steps(model, data, tokenizer, STEPS["clip"], seed, lr=1e-3)
     model.text_model.requires_grad_(False)
-    loss = _contrastive_steps(model, data, tokenizer, STEPS["clip_locked_text"], seed + 1, lr=5e-4)
+    for cycle in range(LOCKED_TEXT_CYCLES):  # cosine cycles with warm restarts
+        loss = _contrastive_steps(model, data, tokenizer, STEPS["clip_locked_text"], seed + 1 + cycle, lr=5e-4)
     model.requires_grad_(True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -155,14 +157,6 @@ def _contrastive_steps(model: CLIPModel, data: domain.Dataset, tokenizer, steps:
         opt.step()
         sched.step()
     return loss.item()
-
-
-def lock_text_phase(clip_dir: Path, data: domain.Dataset, seed: int) -> float:
-    """Phase 2 alone, on an already-trained CLIP folder (what ``train_clip`` runs after phase 1)."""
-    model = CLIPModel.from_pretrained(clip_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-    model.text_model.requires_grad_(False)
-    return _contrastive_steps(model, data, tokenizer, STEPS["clip_locked_text"], seed + 1, lr=5e-4), model, tokenizer
 
 
 def train_vae(data: domain.Dataset, out: Path, seed: int) -> dict:

@@ -1,1 +1,6 @@
-"""diffusers integration: load erase patches into Stable Diffusion pipelines (installed as erase_diffusion.pipelines)."""
+"""diffusers integration (installed as ``erase_diffusion.pipelines``): load, stack, fuse and bake erase patches into
+Stable Diffusion pipelines through diffusers' own adapter machinery."""
+
+from .loading import bake, check_patch, fuse, load_patches, set_strengths, unfuse, unload
+
+__all__ = ["bake", "check_patch", "fuse", "load_patches", "set_strengths", "unfuse", "unload"]

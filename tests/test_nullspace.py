@@ -1,5 +1,6 @@
-"""Closed-form nullspace erasure on tiny random models: exact protection, movement toward the target, strength 0 =
-identity, the patch loads in plain diffusers and equals the manual edit, the CLIP variant, and bad inputs."""
+"""Closed-form nullspace erasure on tiny random models: exact protection of given prompts (and its refusals), soft
+protection of concepts, movement toward the target, strength 0 = identity, the patch loads in plain diffusers and equals
+the manual edit, the CLIP variant, and bad inputs."""
 
 from __future__ import annotations
 
@@ -41,22 +42,34 @@ def with_delta(te, edit):
     return te
 
 
-def test_protected_exact_and_concept_reaches_anchor(sd):
+def test_protected_prompts_exact_and_concept_reaches_anchor(sd):
     te, tok = sd.text_encoder, sd.tokenizer
-    edit = ns.encoder_edit(te, tok, ["circle"], ["square"], prompts=PROMPTS, anchor="star")
-    assert edit.stats["protection"] == "exact"
+    edit = ns.encoder_edit(te, tok, ["circle"], ["square"], protect_prompts=PROTECTED, prompts=PROMPTS, anchor="star")
+    assert 0 < edit.stats["exact_protected_rank"] <= 2 * 77
     new = with_delta(te, edit)
     before = ns.conditioning(te, tok, PROTECTED)
     assert (ns.conditioning(new, tok, PROTECTED) - before).abs().max() <= 1e-4
     target = ns.conditioning(te, tok, ANCHORED)
     d0 = (ns.conditioning(te, tok, CONCEPT) - target).norm()
     d1 = (ns.conditioning(new, tok, CONCEPT) - target).norm()
-    assert d1 < 0.1 * d0, (d0, d1)  # training prompts: (almost) exactly on the anchor
+    assert d1 < 0.2 * d0, (d0, d1)  # training prompts: close to the anchor
+
+
+def test_soft_protection_reduces_protected_change(sd):
+    te, tok = sd.text_encoder, sd.tokenizer
+    kept = ["a photo of a heart", "a red heart on a dark background"]  # softly protected, not exact
+    base = ns.conditioning(te, tok, kept)
+    change = {}
+    for weight in (0.0, 1.0, 10.0):
+        edit = ns.encoder_edit(te, tok, ["circle"], ["heart"], prompts=PROMPTS, anchor="star", protect_weight=weight)
+        change[weight] = float((ns.conditioning(with_delta(te, edit), tok, kept) - base).norm())
+        assert edit.stats["exact_protected_rank"] == 0
+    assert change[1.0] < 0.5 * change[0.0] and change[10.0] < change[1.0], change
 
 
 def test_project_mode_moves_concept(sd):
     te, tok = sd.text_encoder, sd.tokenizer
-    edit = ns.encoder_edit(te, tok, ["circle"], ["square"], prompts=PROMPTS, mode="project")
+    edit = ns.encoder_edit(te, tok, ["circle"], ["square"], protect_prompts=PROTECTED, prompts=PROMPTS, mode="project")
     new = with_delta(te, edit)
     assert (ns.conditioning(new, tok, PROTECTED) - ns.conditioning(te, tok, PROTECTED)).abs().max() <= 1e-4
     assert (ns.conditioning(new, tok, CONCEPT) - ns.conditioning(te, tok, CONCEPT)).abs().max() > 1e-2
@@ -64,19 +77,33 @@ def test_project_mode_moves_concept(sd):
 
 def test_strength_scales_linearly_and_zero_is_identity(sd):
     te, tok = sd.text_encoder, sd.tokenizer
-    full = ns.encoder_edit(te, tok, ["circle"], ["square"], prompts=PROMPTS, anchor="star")
-    half = ns.encoder_edit(te, tok, ["circle"], ["square"], prompts=PROMPTS, anchor="star", strength=0.5)
-    zero = ns.encoder_edit(te, tok, ["circle"], ["square"], prompts=PROMPTS, anchor="star", strength=0.0)
+    kw = dict(protect_prompts=PROTECTED, prompts=PROMPTS, anchor="star")
+    full = ns.encoder_edit(te, tok, ["circle"], ["square"], **kw)
+    half = ns.encoder_edit(te, tok, ["circle"], ["square"], strength=0.5, **kw)
+    zero = ns.encoder_edit(te, tok, ["circle"], ["square"], strength=0.0, **kw)
     assert torch.allclose(half.delta, 0.5 * full.delta, atol=1e-6)
     assert zero.delta.abs().max() == 0
     assert torch.equal(ns.conditioning(with_delta(te, zero), tok, CONCEPT), ns.conditioning(te, tok, CONCEPT))
 
 
+def test_too_many_protected_prompts_or_naming_the_concept_is_refused(sd):
+    te, tok = sd.text_encoder, sd.tokenizer
+    many = [f"a {c} {s} on a dark background" for c in ("red", "green", "blue") for s in ("square", "star", "heart")]
+    with pytest.raises(ValueError, match=r"at most \d+ such prompts fit"):
+        ns.encoder_edit(te, tok, ["circle"], [], protect_prompts=many, prompts=PROMPTS)
+    with pytest.raises(ValueError, match="names an erased concept"):
+        ns.encoder_edit(te, tok, ["circle"], [], protect_prompts=["a red circle"], prompts=PROMPTS)
+    with pytest.raises(ValueError, match="names an erased concept"):
+        ns.encoder_edit(te, tok, ["circle"], [], protect_prompts=["a red disc"], synonyms={"circle": ("disc",)},
+                        prompts=PROMPTS)
+
+
 def test_patch_loads_in_diffusers_and_equals_manual_edit(sd, tmp_path):
     te, tok = sd.text_encoder, sd.tokenizer
-    path = ns.erase("tiny", ["circle"], protect=["square"], anchor="star", templates=list(TEMPLATES),
-                    output=tmp_path / "circle.safetensors", pipe=sd)
-    manual = with_delta(te, ns.encoder_edit(te, tok, ["circle"], ["square"], prompts=PROMPTS, anchor="star"))
+    path = ns.erase("tiny", ["circle"], protect=["square"], protect_prompts=PROTECTED, anchor="star",
+                    templates=list(TEMPLATES), output=tmp_path / "circle.safetensors", pipe=sd)
+    manual = with_delta(te, ns.encoder_edit(te, tok, ["circle"], ["square"], protect_prompts=PROTECTED,
+                                            prompts=PROMPTS, anchor="star"))
     pipe = copy.deepcopy(sd)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="erase")
     loaded = ns.conditioning(pipe.text_encoder, tok, CONCEPT + PROTECTED)
@@ -90,8 +117,8 @@ def test_sdxl_both_encoders_penultimate(tmp_path):
     pipe = sdxl_pipeline()
     pipe.text_encoder = wide_encoder(layers=5)
     pipe.text_encoder_2 = wide_encoder(layers=5, cls=CLIPTextModelWithProjection, seed=1)
-    path = ns.erase("tiny-xl", ["circle"], protect=["square"], anchor="star", templates=list(TEMPLATES),
-                    output=tmp_path / "xl.safetensors", pipe=pipe)
+    path = ns.erase("tiny-xl", ["circle"], protect=["square"], protect_prompts=PROTECTED, anchor="star",
+                    templates=list(TEMPLATES), output=tmp_path / "xl.safetensors", pipe=pipe)
     base = [ns.conditioning(te, pipe.tokenizer, CONCEPT + PROTECTED, penultimate=True)
             for te in (pipe.text_encoder, pipe.text_encoder_2)]
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
@@ -99,6 +126,13 @@ def test_sdxl_both_encoders_penultimate(tmp_path):
         after = ns.conditioning(te, pipe.tokenizer, CONCEPT + PROTECTED, penultimate=True)
         assert (after[2:] - b[2:]).abs().max() <= 1e-4
         assert (after[:2] - b[:2]).abs().max() > 1e-2
+
+
+def test_miniworld_defaults():
+    assert ns.default_protect(["circle"], True) == [s for s in ("square", "triangle", "star", "heart", "cross",
+                                                                 "diamond", "hexagon")]
+    assert ns.default_protect(["circle"], False) == []
+    assert len(ns.PromptSet(miniworld=True).frames()) == 48
 
 
 # ------------------------------------------------------------------------------------------------------------- CLIP
@@ -117,35 +151,42 @@ def clip():
     return CLIPModel(cfg).eval(), tok
 
 
-def test_clip_projection_keeps_retained_logits(clip, tmp_path):
+def test_clip_projection_forgets_and_keeps_retained_logits(clip, tmp_path):
     model, tok = clip
     retained = ["square", "star", "heart"]
-    U, stats = ns.clip_projection(model, tok, ["circle"], retained, prompts=PROMPTS)
-    assert stats["rank"] == 1
+    D, stats = ns.clip_projection(model, tok, ["circle"], retained, prompts=PROMPTS, retain_weight=1.0)
+    assert stats["rank"] == 1 and stats["forget_left"] < 0.2
     t_r = torch.stack([ns.class_embedding(model, tok, w, PROMPTS) for w in retained])
     t_f = ns.class_embedding(model, tok, "circle", PROMPTS)
     torch.manual_seed(1)
-    pixels = torch.randn(8, 3, 16, 16)
+    pixels = torch.randn(64, 3, 16, 16)
     with torch.no_grad():
         z0 = model.get_image_features(pixel_values=pixels)
         z0 = z0 if isinstance(z0, torch.Tensor) else z0.pooler_output
         edited = copy.deepcopy(model)
-        ns.apply_projection(edited, U, 1.0)
+        ns.apply_projection(edited, D, 1.0)
         z1 = edited.get_image_features(pixel_values=pixels)
         z1 = z1 if isinstance(z1, torch.Tensor) else z1.pooler_output
-    assert (z1 @ t_r.T - z0 @ t_r.T).abs().max() <= 1e-5  # retained logits (before the image-norm rescale)
-    # the forget logit keeps only the part of t_f inside the retained span (variant (a)); the rest is gone
-    Q, _ = torch.linalg.qr(t_r.T)
-    assert torch.allclose(z1 @ t_f, z0 @ (Q @ (Q.T @ t_f)), atol=1e-5)
-    assert ((z1 @ t_f - z0 @ t_f).abs() > 1e-3).all()
+    # the forget logit (before the image-norm rescale) shrinks far more than the retained ones move
+    forget_left = (z1 @ t_f).norm() / (z0 @ t_f).norm()
+    retain_moved = (z1 @ t_r.T - z0 @ t_r.T).norm() / (z0 @ t_r.T).norm()
+    assert forget_left < 0.3 and retain_moved < 0.5 * (1 - forget_left), (forget_left, retain_moved)
+    # stronger retain weight: retained logits move less
+    D10, _ = ns.clip_projection(model, tok, ["circle"], retained, prompts=PROMPTS, retain_weight=10.0)
+    edited10 = copy.deepcopy(model)
+    ns.apply_projection(edited10, D10, 1.0)
+    with torch.no_grad():
+        z10 = edited10.get_image_features(pixel_values=pixels)
+        z10 = z10 if isinstance(z10, torch.Tensor) else z10.pooler_output
+    assert (z10 @ t_r.T - z0 @ t_r.T).norm() < (z1 @ t_r.T - z0 @ t_r.T).norm()
     # the patch reproduces the manual edit through patch.apply_to_clip
     from erase_diffusion.patch import apply_to_clip
 
     path = ns.erase("tiny-clip", ["circle"], protect=retained, target="clip", templates=list(TEMPLATES),
-                    output=tmp_path / "clip.safetensors", clip=clip)
+                    output=tmp_path / "clip.safetensors", clip=clip)  # the default retain weight is 10
     patched = copy.deepcopy(model)
     apply_to_clip(patched, path)
-    assert torch.allclose(patched.visual_projection.weight, edited.visual_projection.weight, atol=1e-6)
+    assert torch.allclose(patched.visual_projection.weight, edited10.visual_projection.weight, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------- bad inputs
@@ -170,8 +211,8 @@ def test_protected_span_covering_concept_is_refused(clip):
     model, tok = clip
     many = ["square", "star", "heart", "cross", "diamond", "hexagon", "triangle", "red", "blue", "green", "disc",
             "box", "rhombus", "yellow", "white", "cyan", "purple"]  # 17 > projection dim 16: they span everything
-    with pytest.raises(ValueError, match="span"):
-        ns.clip_projection(model, tok, ["circle"], many, prompts=PROMPTS)
+    with pytest.raises(ValueError, match="span the erased"):  # weighted this strongly, they keep circle too
+        ns.clip_projection(model, tok, ["circle"], many, prompts=PROMPTS, retain_weight=1000.0)
 
 
 def test_nan_weights_are_refused(sd):

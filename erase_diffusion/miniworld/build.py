@@ -37,7 +37,7 @@ from .tokenizer import write_tokenizer
 
 LOCKED_TEXT_CYCLES = 2
 DEFAULT_OUTPUT = Path(__file__).parent / "weights"
-STEPS = {"judge": 800, "clip": 1500, "clip_locked_text": 1500, "vae": 700, "unet": 4000}
+STEPS = {"judge": 800, "clip": 1500, "clip_locked_text": 1500, "vae": 700, "pipeline": 4000}
 
 
 def _atomic_dir(final: Path):
@@ -206,8 +206,8 @@ def train_unet(data: domain.Dataset, clip_dir: Path, vae_dir: Path, out: Path, s
     ema = EMAModel(unet.parameters(), decay=0.999)
     noise_sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000, steps_offset=1)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-2)
-    sched = _cosine_lr(opt, STEPS["unet"], 200)
-    for step in tqdm(range(STEPS["unet"]), desc="unet"):
+    sched = _cosine_lr(opt, STEPS["pipeline"], 200)
+    for step in tqdm(range(STEPS["pipeline"]), desc="unet"):
         idx = torch.randint(0, len(data), (64,), generator=g)
         texts = random_captions(data.shape[idx], data.colour[idx], data.style[idx], rng)
         texts = ["" if rng.random() < 0.1 else t for t in texts]  # caption dropout for classifier-free guidance

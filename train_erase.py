@@ -39,13 +39,13 @@ def parse_args(argv=None):
     p.add_argument("--retain_weight", type=float, default=1.0)
     p.add_argument("--consistency_weight", type=float, default=3.0)
     p.add_argument("--token_forget_weight", type=float, default=1.0)
-    p.add_argument("--token_consistency_weight", type=float, default=1.0)
+    p.add_argument("--token_consistency_weight", type=float, default=10.0)
     # what trains
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (and the SVD rank for --full_finetune)")
     p.add_argument("--lora_alpha", type=int, default=None, help="default: rank")
     p.add_argument("--full_finetune", action="store_true", help="train the text tower's weights, export by SVD")
     # optimisation
-    p.add_argument("--max_train_steps", type=int, default=300)
+    p.add_argument("--max_train_steps", type=int, default=200)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--train_batch_size", type=int, default=32)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)

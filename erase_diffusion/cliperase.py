@@ -65,4 +65,4 @@ class LossWeights:
     retain: float = 1.0
     consistency: float = 3.0
     token_forget: float = 1.0
-    token_consistency: float = 1.0
+    token_consistency: float = 10.0

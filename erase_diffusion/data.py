@@ -109,12 +109,14 @@ def prompt_sets(spec: ConceptSpec, miniworld: bool, seed: int = 0, n: int = 256)
             anchor.append(_replace(text, word, spec.anchor or ""))
         for _ in range(n):
             retain.append(_miniworld_prompt(rng, None, None, spec))
+        retain[:: 4] = [""] * len(retain[::4])  # the empty prompt: classifier-free guidance reads it every step
         return {"forget": forget, "anchor": anchor, "retain": retain}
     words = spec.all_erase_words()
     forget = [rng.choice(GENERIC_TEMPLATES).format(rng.choice(words)) for _ in range(n)]
     anchor = [_replace(t, w, spec.anchor or "") for t in forget for w in words if w in t][: len(forget)]
     keep = spec.keep or ["photo", "landscape", "person", "dog", "car", "house"]
     retain = [rng.choice(GENERIC_TEMPLATES).format(rng.choice(keep)) for _ in range(n)]
+    retain[::4] = [""] * len(retain[::4])  # the empty prompt: classifier-free guidance reads it every step
     return {"forget": forget, "anchor": anchor, "retain": retain}
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import attacks
 from .concepts import ConceptSpec, miniworld_attribute, miniworld_spec
-from .measure import PromptCase, classes, eval_prompts, held_out_dataset, zero_shot_accuracy
+from .measure import PromptCase, classes, eval_prompts, features, held_out_dataset, zero_shot_accuracy
 from .miniworld import domain
 
 try:
@@ -60,11 +60,6 @@ N_RELATED = 2
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces
-def _features(output) -> torch.Tensor:
-    """CLIP features: transformers 5 returns them as ``pooler_output`` of an output object, 4.x as a tensor."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
 def retrieval_recall(text_emb: torch.Tensor, image_emb: torch.Tensor, queries=None, ks=(1, 5, 10)) -> dict:
     """Recall@k for paired data (text i ↔ image i): text→image ranks every image for each query text, image→text
     every text for each query image; a hit is the paired item only. ``queries``: indices to score (default all)."""
@@ -158,9 +153,9 @@ def judge_fid_kid(judge, real: torch.Tensor, fake: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def clip_score(clip, tok, images: torch.Tensor, prompts: list[str]) -> float:
-    img = F.normalize(_features(clip.get_image_features(pixel_values=images.float())), dim=-1)
+    img = F.normalize(features(clip.get_image_features(pixel_values=images.float())), dim=-1)
     t = tok(prompts, padding=True, return_tensors="pt")
-    txt = F.normalize(_features(clip.get_text_features(**t)), dim=-1)
+    txt = F.normalize(features(clip.get_text_features(**t)), dim=-1)
     return (100 * (img * txt).sum(-1).clamp(min=0)).mean().item()
 
 
@@ -296,7 +291,7 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
         for tag, model in (("before", c0), ("after", c1)):
             with torch.no_grad():
                 T = text_embeddings(model, tok, data.captions)
-                I = torch.cat([_features(model.get_image_features(pixel_values=data.float_images(slice(i, i + 256))))
+                I = torch.cat([features(model.get_image_features(pixel_values=data.float_images(slice(i, i + 256))))
                                for i in range(0, len(data), 256)])
             ret[f"forget_{tag}"] = retrieval_recall(T, I, forget_q)
             ret[f"retain_{tag}"] = retrieval_recall(T, I, retain_q)

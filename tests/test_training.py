@@ -94,9 +94,10 @@ def test_accelerate_launch_and_resume(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert (out / "erase_patch.safetensors").exists() and (out / "checkpoint-2").is_dir()
     assert list((out / "validation").glob("*.png")) and list((out / "logs").rglob("events.out.tfevents*"))
-    # a second run into the same folder is refused unless it resumes
+    # a second run into the same folder is refused unless it resumes (train_erase.py exits 2; `accelerate launch`
+    # reports any failure of its child as 1)
     again = subprocess.run([*base, "--max_train_steps", "3"], capture_output=True, text=True, cwd=tmp_path)
-    assert again.returncode == 2 and "already holds another run" in again.stderr
+    assert again.returncode != 0 and "already holds another run" in again.stderr
     resumed = subprocess.run([*base, "--max_train_steps", "5", "--resume_from_checkpoint", "latest"],
                              capture_output=True, text=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

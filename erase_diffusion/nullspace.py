@@ -609,6 +609,11 @@ def erase(
     syn = default_synonyms(list(concepts) + list(protect), mini)
     syn.update({k: tuple(v) for k, v in (synonyms or {}).items()})
     concepts, protect = _validate(concepts, protect, syn)
+    if mini:  # the miniature world knows its whole vocabulary: refuse words it has never seen
+        from .concepts import miniworld_attribute
+
+        for word in [*concepts, *protect]:
+            miniworld_attribute(word)
     if protect_prompts is None:  # the default set, less any prompt that names an erased word
         words = [w for c in concepts for w in (c, *syn.get(c, ()))]
         protect_prompts = [p for p in (MINIWORLD_PROTECT_PROMPTS if mini else ()) if not any(_names(p, w) for w in words)]

@@ -523,7 +523,7 @@ def _bar(labels, series: dict, title: str, ylabel: str):
 
 def render_html(m: dict, images: dict) -> str:
     """One self-contained page: tables, plots and grids embedded as base64 PNG (no external resources)."""
-    fg, se, rob, ut = m.get("forgetting", {}), m.get("side_effects", {}), m.get("robustness", {}), m.get("utility", {})
+    fg, se, rob = m.get("forgetting", {}), m.get("side_effects", {}), m.get("robustness", {})
     parts = [f"<h1>erase-diffusion evaluation: {html.escape(', '.join(m.get('erase', [])))} "
              f"({html.escape(str(m.get('method')))})</h1>",
              f"<p>{'quick' if m.get('quick') else 'full'} mode, {m.get('steps')} sampling steps, seed {m.get('seed')}. "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -341,7 +340,3 @@ def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     tmp.replace(path)
-
-
-def steps_for_epochs(n_pairs: int, batch: int, epochs: int) -> int:
-    return epochs * math.ceil(n_pairs / batch)

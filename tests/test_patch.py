@@ -12,13 +12,12 @@ import torch
 from safetensors.torch import save_file
 from test_pipelines_loading import IDS, maxdiff, make_patch, manual, random_factors, te_out
 from tiny_models import sd_pipeline, sdxl_pipeline
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
 from erase_diffusion.patch import (
     LoraFactors, PatchError, apply_to_clip, describe_patch, export_kohya, factors_from_delta, fingerprint, load_patch,
     save_patch,
 )
-from erase_diffusion.pipelines.loading import load_patches
 
 
 def test_factors_from_delta_exact_and_truncated():

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tiny_models import sd2_pipeline, sd_pipeline, sdxl_pipeline
 
 from erase_diffusion.patch import LoraFactors, PatchError, fingerprint, save_patch

@@ -67,6 +67,8 @@ from pathlib import Path
 
 import torch
 
+from .patch import clip_core
+
 # Generic prompt templates for real models; the miniature world uses its own caption templates and fillers.
 GENERIC_TEMPLATES = (
     "{}",
@@ -107,11 +109,6 @@ PROTECT_FRAMES = 32
 FIT_LENGTH = 24
 # every this-many-th prompt also runs at all 77 positions (its later padding positions weighted by this number)
 FULL_EVERY = 8
-
-
-def clip_core(text_encoder):
-    """The module owning embeddings / encoder / final_layer_norm, on both transformers layouts."""
-    return getattr(text_encoder, "text_model", text_encoder)
 
 
 # ----------------------------------------------------------------------------------------------------------- prompts

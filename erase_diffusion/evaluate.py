@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import attacks
 from .concepts import ConceptSpec, miniworld_attribute, miniworld_spec
-from .measure import PromptCase, classes, eval_prompts, features, held_out_dataset, zero_shot_accuracy
+from .measure import PromptCase, classes, eval_prompts, features, grid_array, held_out_dataset, zero_shot_accuracy
 from .miniworld import domain
 
 try:
@@ -486,14 +486,7 @@ def _png_b64(fig_or_images) -> str:
         from PIL import Image
 
         ims = fig_or_images
-        cols = min(8, len(ims))
-        rows = (len(ims) + cols - 1) // cols
-        h, w = ims.shape[-2:]
-        canvas = torch.zeros(3, rows * h, cols * w)
-        for k, im in enumerate(ims):
-            r, c = divmod(k, cols)
-            canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-        arr = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        arr = grid_array(ims, columns=min(8, len(ims)))
         Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.Resampling.NEAREST).save(buf, "PNG")
     else:
         import matplotlib.pyplot as plt

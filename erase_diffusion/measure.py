@@ -131,22 +131,25 @@ def judge_generations(judge, images: torch.Tensor, cases: list[PromptCase]) -> d
     return result
 
 
-def save_grid(images: torch.Tensor, path: str | Path, columns: int = 8) -> Path:
-    """A PNG grid of images in [-1, 1], written atomically."""
-    from PIL import Image
-
-    n = len(images)
-    rows = (n + columns - 1) // columns
+def grid_array(images: torch.Tensor, columns: int = 8):
+    """Images in [-1, 1] → one uint8 (H, W, 3) array, ``columns`` wide."""
+    rows = (len(images) + columns - 1) // columns
     h, w = images.shape[-2:]
     canvas = torch.zeros(3, rows * h, columns * w)
     for k, im in enumerate(images):
         r, c = divmod(k, columns)
         canvas[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = im
-    arr = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int = 8) -> Path:
+    """A PNG grid of images in [-1, 1], written atomically."""
+    from PIL import Image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(arr).save(tmp)
+    Image.fromarray(grid_array(images, columns)).save(tmp)
     tmp.replace(path)
     return path
 

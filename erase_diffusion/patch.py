@@ -186,6 +186,23 @@ def _lora_config(component: str, mods: dict[str, LoraFactors]) -> dict:
     }
 
 
+def _save_atomic(tensors: dict[str, Tensor], path, meta: dict[str, str]) -> Path:
+    """safetensors to a temp file beside ``path``, then rename: a reader never sees a half-written file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def save_patch(
     path,
     layers: dict[str, dict[str, LoraFactors]],
@@ -204,7 +221,6 @@ def save_patch(
     ``layers``: component → module path (``text_model.``-spelled for text encoders) → factors. ``full``: component →
     module path → dense ΔW (out, in); a file with any makes a full-mode patch (see the module docstring).
     """
-    from safetensors.torch import save_file
 
     full = {c: m for c, m in (full or {}).items() if m}
     layers = {c: m for c, m in layers.items() if m}
@@ -260,17 +276,7 @@ def save_patch(
     if adapter_meta:
         meta["lora_adapter_metadata"] = json.dumps(adapter_meta, indent=2, sort_keys=True)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return _save_atomic(tensors, path, meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -431,7 +437,6 @@ def export_kohya(src, dst) -> Path:
     alpha / r), so ΔW = B @ A exactly. Only text-encoder LoRA modules can be
     expressed; a patch with ``clip`` modules or dense deltas is refused.
     """
-    from safetensors.torch import save_file
 
     patch = load_patch(src)
     if patch.full or "clip" in patch.layers:
@@ -453,17 +458,7 @@ def export_kohya(src, dst) -> Path:
     for key in ("method", "base_model"):
         meta[f"{META_PREFIX}{key}"] = str(patch.metadata.get(key))
     meta[f"{META_PREFIX}erased"] = json.dumps(patch.metadata.get("erased", []))
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dst
+    return _save_atomic(tensors, dst, meta)
 
 
 def patch_deltas(patch: Patch, component: str) -> dict[str, Tensor]:

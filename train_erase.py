@@ -8,6 +8,9 @@ Defaults reproduce the README figures on the bundled miniature world. For a real
     accelerate launch train_erase.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \
         --clip_model_name_or_path openai/clip-vit-large-patch14 --erase_concept apple \
         --keep_concepts pear banana --anchor_concept fruit --train_data_dir my_pairs/ --output_dir runs/apple
+
+SDXL has two text encoders: pass the CLIP of each, in order
+(openai/clip-vit-large-patch14 laion/CLIP-ViT-bigG-14-laion2B-39B-b160k); one patch changes both.
 """
 
 import argparse
@@ -21,8 +24,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model and data
     p.add_argument("--pretrained_model_name_or_path", default="miniworld", help="pipeline (or CLIP with --target clip)")
-    p.add_argument("--clip_model_name_or_path", default=None,
-                   help="CLIPModel whose text tower is the pipeline's text encoder (default: same as the pipeline)")
+    p.add_argument("--clip_model_name_or_path", nargs="+", default=None,
+                   help="CLIPModel whose text tower is the pipeline's text encoder, one per encoder (SDXL: two); "
+                        "default: same as --pretrained_model_name_or_path")
     p.add_argument("--target", choices=["pipeline", "clip"], default="pipeline",
                    help="erase for a diffusion pipeline (token-level terms on) or for CLIP zero-shot use only")
     p.add_argument("--erase_concept", nargs="+", default=[], help="concept(s) to erase")
@@ -44,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (and the SVD rank for --full_finetune)")
     p.add_argument("--lora_alpha", type=int, default=None, help="default: rank")
     p.add_argument("--full_finetune", action="store_true", help="train the text tower's weights, export by SVD")
+    p.add_argument("--train_vision_tower", action="store_true", help="--target clip: train the image side too")
     # optimisation
     p.add_argument("--max_train_steps", type=int, default=200)
     p.add_argument("--learning_rate", type=float, default=1e-3)

@@ -27,7 +27,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 @dataclass
 class PairData:
-    images: torch.Tensor  # (N, 3, H, W) float in [-1, 1] for the miniworld, or CLIP-preprocessed pixel values
+    # miniworld: (N, 3, H, W) float in [-1, 1], what its CLIP reads; folder / pipeline: PIL images, preprocessed per
+    # CLIP by ``pixels`` (SDXL's two CLIPs each have their own image processor)
+    images: torch.Tensor | list[Image.Image]
     captions: list[str]
     forget: torch.Tensor  # (N,) bool
 
@@ -37,8 +39,18 @@ class PairData:
             raise ValueError("the forget set is empty: no caption names an erased concept")
         if not r.any():
             raise ValueError("the retain set is empty: every caption names an erased concept")
-        return (PairData(self.images[f], [c for c, m in zip(self.captions, f) if m], f[f]),
-                PairData(self.images[r], [c for c, m in zip(self.captions, r) if m], f[r]))
+        return self._select(f), self._select(r)
+
+    def _select(self, mask: torch.Tensor) -> "PairData":
+        images = (self.images[mask] if isinstance(self.images, torch.Tensor)
+                  else [im for im, m in zip(self.images, mask) if m])
+        return PairData(images, [c for c, m in zip(self.captions, mask) if m], self.forget[mask])
+
+    def pixels(self, processor=None) -> torch.Tensor:
+        """Pixel values for a CLIP's vision tower (``processor``: that CLIP's image processor; None for the miniworld)."""
+        if isinstance(self.images, torch.Tensor):
+            return self.images
+        return processor(images=self.images, return_tensors="pt").pixel_values
 
 
 def from_miniworld(spec: ConceptSpec, n: int = 3072, seed: int = 1) -> PairData:
@@ -52,7 +64,7 @@ def from_miniworld(spec: ConceptSpec, n: int = 3072, seed: int = 1) -> PairData:
     return PairData(data.float_images(), data.captions, forget)
 
 
-def from_folder(folder: str | Path, spec: ConceptSpec, processor) -> PairData:
+def from_folder(folder: str | Path, spec: ConceptSpec) -> PairData:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"data folder {folder} does not exist")
@@ -71,14 +83,16 @@ def from_folder(folder: str | Path, spec: ConceptSpec, processor) -> PairData:
                 pairs.append((img, img.with_suffix(".txt").read_text().strip()))
     if not pairs:
         raise ValueError(f"no image–caption pairs in {folder} (expected metadata.jsonl or image + .txt files)")
+    missing = [str(p) for p, _ in pairs if not p.is_file()]
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) named in {folder} do not exist, e.g. {missing[0]}")
     images = [Image.open(p).convert("RGB") for p, _ in pairs]
-    pixels = processor(images=images, return_tensors="pt").pixel_values
     captions = [c for _, c in pairs]
-    return PairData(pixels, captions, torch.tensor([spec.mentions_erased(c) for c in captions]))
+    return PairData(images, captions, torch.tensor([spec.mentions_erased(c) for c in captions]))
 
 
 @torch.no_grad()
-def from_pipeline(pipe, spec: ConceptSpec, processor, n_per_prompt: int = 2, seed: int = 0, steps: int = 25) -> PairData:
+def from_pipeline(pipe, spec: ConceptSpec, n_per_prompt: int = 2, seed: int = 0, steps: int = 25) -> PairData:
     """Generate forget images from the concepts' prompts and retain images from the kept concepts' prompts."""
     if not spec.keep:
         raise ValueError("generating retain data needs concepts to keep (--keep_concepts)")
@@ -90,8 +104,7 @@ def from_pipeline(pipe, spec: ConceptSpec, processor, n_per_prompt: int = 2, see
         out = pipe([p] * n_per_prompt, generator=g, num_inference_steps=steps, output_type="np").images
         images += [Image.fromarray((np.asarray(im) * 255).round().astype("uint8")) for im in out]
         captions += [p] * n_per_prompt
-    pixels = processor(images=images, return_tensors="pt").pixel_values
-    return PairData(pixels, captions, torch.tensor([spec.mentions_erased(c) for c in captions]))
+    return PairData(images, captions, torch.tensor([spec.mentions_erased(c) for c in captions]))
 
 
 def prompt_sets(spec: ConceptSpec, miniworld: bool, seed: int = 0, n: int = 256) -> dict[str, list[str]]:

@@ -14,19 +14,22 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import CLIPImageProcessor
 
 from . import cliperase, data as pair_data
 from .concepts import ConceptSpec, miniworld_spec
 from .measure import features
-from .models import load_clip, load_pipeline
+from .models import load_clip, load_pipeline, resolve
 
 logger = logging.getLogger(__name__)
 PATCH_NAME = "erase_patch.safetensors"
@@ -54,48 +57,104 @@ def check_output_dir(args) -> None:
         )
 
 
-def encode(model, tokenizer, texts: list[str], device, tokens: bool = False):
-    """CLIP's projected pooled embedding, or (``tokens=True``) the per-token hidden states a pipeline reads.
+@dataclass
+class TextTower:
+    """One text encoder of the pipeline, with the CLIP whose text tower it is (its vision tower embeds the images).
 
-    Token states are computed the way ``StableDiffusionPipeline.encode_prompt`` does: padded to 77, no attention
-    mask. The pooled embedding sits at the end-of-text token, which the causal mask shields from padding, so it only
-    needs padding to the longest prompt (4-6× fewer positions).
+    ``layer``/``pooled`` say what the pipeline reads: SD 1/2 the last hidden state; SDXL the penultimate layer of
+    both encoders and, from the second, the projected pooled embedding too.
     """
-    padding = dict(padding="max_length", max_length=tokenizer.model_max_length) if tokens else dict(padding="longest")
-    ids = tokenizer(texts, truncation=True, return_tensors="pt", **padding).input_ids.to(device)
-    out = model.text_model(input_ids=ids)
-    return out.last_hidden_state if tokens else model.text_projection(out.pooler_output)
+
+    name: str  # patch component: "text_encoder" or "text_encoder_2"
+    teacher: torch.nn.Module  # the frozen original CLIPModel
+    tokenizer: object
+    layer: int = -1
+    pooled: bool = False
+    forget_img: torch.Tensor | None = None  # image embeddings by the frozen vision tower
+    retain_img: torch.Tensor | None = None
+    forget_pixels: torch.Tensor | None = None  # kept only when the vision tower trains
+    retain_pixels: torch.Tensor | None = None
 
 
-def erase_loss(student, teacher, tokenizer, batch: dict, weights: cliperase.LossWeights, forget_loss: str):
-    """The whole objective: CLIPErase's three modules on image–text pairs, plus the token-level terms."""
-    device = batch["forget_img"].device
-    scale = teacher.logit_scale.exp().detach()
-    terms = {}
-    if weights.forget:
-        f_txt = encode(student, tokenizer, batch["forget_captions"], device)
-        terms["forget"] = (cliperase.forgetting_dot(batch["forget_img"], f_txt) if forget_loss == "dot"
-                           else cliperase.forgetting_neg_contrastive(batch["forget_img"], f_txt, scale))
-    if weights.retain or weights.consistency:
-        r_txt = encode(student, tokenizer, batch["retain_captions"], device)
-        if weights.retain:
-            terms["retain"] = cliperase.retention(batch["retain_img"], r_txt, scale)
-        if weights.consistency:
-            with torch.no_grad():
-                ref_txt = encode(teacher, tokenizer, batch["retain_captions"], device)
-            terms["consistency"] = cliperase.consistency(batch["retain_img"], r_txt, batch["retain_img"], ref_txt, scale)
-    if weights.token_forget:
-        states = encode(student, tokenizer, batch["forget_prompts"], device, tokens=True)
-        with torch.no_grad():
-            anchor = encode(teacher, tokenizer, batch["anchor_prompts"], device, tokens=True)
-        terms["token_forget"] = cliperase.token_forgetting(states, anchor)
-    if weights.token_consistency:
-        states = encode(student, tokenizer, batch["retain_prompts"], device, tokens=True)
-        with torch.no_grad():
-            ref = encode(teacher, tokenizer, batch["retain_prompts"], device, tokens=True)
-        terms["token_consistency"] = cliperase.token_consistency(states, ref)
-    total = sum(getattr(weights, name) * value for name, value in terms.items())
-    return total, {k: v.item() for k, v in terms.items()}
+def encode_pooled(model, tokenizer, texts: list[str], device) -> torch.Tensor:
+    """CLIP's projected pooled embedding (what the CLIPErase losses and zero-shot use).
+
+    It sits at the end-of-text token, which the causal mask shields from padding, so padding to the longest prompt
+    gives the same value as padding to 77 with 4-6x fewer positions.
+    """
+    ids = tokenizer(texts, padding="longest", truncation=True, return_tensors="pt").input_ids.to(device)
+    return model.text_projection(model.text_model(input_ids=ids).pooler_output)
+
+
+def encode_read(model, tokenizer, texts: list[str], device, layer: int = -1, pooled: bool = False):
+    """What a pipeline reads from this text encoder, computed as diffusers' ``encode_prompt`` does (padded to 77, no
+    attention mask): per-token states of ``layer`` (-1: after the final layer norm), and with ``pooled`` the projected
+    pooled embedding (SDXL's second encoder)."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    out = model.text_model(input_ids=ids, output_hidden_states=layer != -1)
+    states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+    return states, (model.text_projection(out.pooler_output) if pooled else None)
+
+
+class EraseObjective(torch.nn.Module):
+    """The trainable CLIPs (one per text encoder) and the whole objective in ``forward``.
+
+    The loss is computed inside ``forward`` so that Accelerate's DDP wrapper sees one forward per backward and
+    all-reduces the gradients; calling the unwrapped model would silently train each replica on its own.
+    The frozen teachers live in ``towers`` (plain attributes), outside DDP and outside checkpoints.
+    """
+
+    def __init__(self, students: dict, towers: list[TextTower], weights: cliperase.LossWeights, forget_loss: str,
+                 train_vision: bool = False):
+        super().__init__()
+        self.students = torch.nn.ModuleDict(students)
+        self.towers, self.weights, self.forget_loss, self.train_vision = towers, weights, forget_loss, train_vision
+
+    def forward(self, batch: dict):
+        total, terms = 0.0, {}
+        for tower in self.towers:
+            loss, parts = self.tower_loss(self.students[tower.name], tower, batch)
+            total = total + loss
+            prefix = "" if len(self.towers) == 1 else f"{tower.name}/"
+            terms.update({prefix + k: v.detach() for k, v in parts.items()})
+        return total, terms
+
+    def image_side(self, student, tower: TextTower, which: str, idx: torch.Tensor) -> torch.Tensor:
+        if self.train_vision:
+            pixels = getattr(tower, f"{which}_pixels")[idx.cpu()].to(idx.device)
+            return features(student.get_image_features(pixel_values=pixels))
+        return getattr(tower, f"{which}_img")[idx]
+
+    def tower_loss(self, student, tower: TextTower, batch: dict):
+        """CLIPErase's three modules on image–text pairs, plus the token-level terms on what the pipeline reads."""
+        w, teacher, tok = self.weights, tower.teacher, tower.tokenizer
+        device = batch["fi"].device
+        scale = teacher.logit_scale.exp().detach()
+        terms = {}
+        if w.forget:
+            f_img = self.image_side(student, tower, "forget", batch["fi"])
+            f_txt = encode_pooled(student, tok, batch["forget_captions"], device)
+            terms["forget"] = (cliperase.forgetting_dot(f_img, f_txt) if self.forget_loss == "dot"
+                               else cliperase.forgetting_neg_contrastive(f_img, f_txt, scale))
+        if w.retain or w.consistency:
+            r_img = self.image_side(student, tower, "retain", batch["ri"])
+            r_txt = encode_pooled(student, tok, batch["retain_captions"], device)
+            if w.retain:
+                terms["retain"] = cliperase.retention(r_img, r_txt, scale)
+            if w.consistency:
+                with torch.no_grad():
+                    ref_txt = encode_pooled(teacher, tok, batch["retain_captions"], device)
+                terms["consistency"] = cliperase.consistency(r_img, r_txt, tower.retain_img[batch["ri"]], ref_txt, scale)
+        for name, prompts, targets in (("token_forget", "forget_prompts", "anchor_prompts"),
+                                       ("token_consistency", "retain_prompts", "retain_prompts")):
+            if getattr(w, name):
+                states, pooled = encode_read(student, tok, batch[prompts], device, tower.layer, tower.pooled)
+                with torch.no_grad():
+                    ref_states, ref_pooled = encode_read(teacher, tok, batch[targets], device, tower.layer, tower.pooled)
+                term = cliperase.token_forgetting if name == "token_forget" else cliperase.token_consistency
+                terms[name] = term(states, ref_states) + (term(pooled, ref_pooled) if tower.pooled else 0)
+        return sum(getattr(w, name) * value for name, value in terms.items()), terms
 
 
 def lora_layers(model) -> dict:
@@ -116,13 +175,13 @@ def lora_layers(model) -> dict:
 
 
 def full_finetune_layers(model, reference, rank: int | None) -> tuple[dict, float]:
-    """Dense weight changes of every text-tower Linear → low-rank factors by SVD (residual reported)."""
+    """Dense weight changes of every changed Linear → low-rank factors by SVD (worst residual reported)."""
     from .patch import factors_from_delta
 
     ref = dict(reference.named_modules())
     layers, worst = {}, 0.0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("text_model.encoder."):
+        if isinstance(module, torch.nn.Linear):
             delta = module.weight.detach().float().cpu() - ref[name].weight.detach().float().cpu()
             if delta.abs().max() > 0:
                 layers[name], residual = factors_from_delta(delta, rank=rank)
@@ -130,15 +189,86 @@ def full_finetune_layers(model, reference, rank: int | None) -> tuple[dict, floa
     return layers, worst
 
 
+def patch_layers(student, tower: TextTower, args) -> tuple[dict, float]:
+    """{component: {module: LoraFactors}}: text-tower layers under the tower's component; vision-tower layers (only
+    with --train_vision_tower) under ``clip``, which ``apply_to_clip`` merges and pipelines ignore."""
+    layers, residual = (full_finetune_layers(student, tower.teacher, args.rank) if args.full_finetune
+                        else (lora_layers(student), 0.0))
+    out = {tower.name: {m: f for m, f in layers.items() if m.startswith("text_model.")}}
+    vision = {m: f for m, f in layers.items() if not m.startswith("text_model.")}
+    if vision:
+        out["clip"] = vision
+    return out, residual
+
+
+def all_patch_layers(students: dict, towers: list[TextTower], args) -> tuple[dict, float]:
+    layers, residual = {}, 0.0
+    for tower in towers:
+        parts, r = patch_layers(students[tower.name], tower, args)
+        layers.update(parts)
+        residual = max(residual, r)
+    return layers, residual
+
+
+def load_towers(args, accelerator) -> tuple[list[TextTower], dict, object]:
+    """(towers, {component: trainable CLIPModel}, pipeline or None). Pipeline first: it says how many text encoders
+    there are and what they read; each CLIP's text tower must be that encoder (fingerprints compared)."""
+    from .patch import fingerprint
+
+    clip_names = args.clip_model_name_or_path or [args.pretrained_model_name_or_path]
+    pipe, encoders = None, ["text_encoder"]
+    if args.target == "pipeline":
+        pipe = load_pipeline(args.pretrained_model_name_or_path)
+        encoders = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+        if len(clip_names) != len(encoders):
+            example = (" (SDXL: openai/clip-vit-large-patch14 laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)"
+                       if len(encoders) == 2 else "")
+            raise ValueError(f"this pipeline has {len(encoders)} text encoder(s) ({', '.join(encoders)}): pass one "
+                             f"--clip_model_name_or_path per encoder, in that order{example}")
+    elif len(clip_names) != 1:
+        raise ValueError("--target clip erases from one CLIPModel: pass one --clip_model_name_or_path")
+    sdxl = len(encoders) == 2
+    towers, students = [], {}
+    for component, clip_name in zip(encoders, clip_names):
+        student, tokenizer = load_clip(clip_name)
+        if pipe is not None:
+            encoder = getattr(pipe, component)
+            if fingerprint(student.text_model) != fingerprint(encoder):
+                raise ValueError(f"the text tower of CLIP {clip_name!r} is not the {component} of pipeline "
+                                 f"{args.pretrained_model_name_or_path!r}: pass the matching --clip_model_name_or_path")
+            tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
+        teacher = copy.deepcopy(student).requires_grad_(False).eval().to(accelerator.device)
+        towers.append(TextTower(component, teacher, tokenizer, layer=-2 if sdxl else -1,
+                                pooled=component == "text_encoder_2"))
+        students[component] = student
+    return towers, students, pipe
+
+
+def make_trainable(student, args) -> None:
+    """LoRA on the text tower (default) or its full weights; the vision tower too with --train_vision_tower."""
+    student.requires_grad_(False)
+    towers = [student.text_model] + ([student.vision_model] if args.train_vision_tower else [])
+    if args.full_finetune:
+        for tower in towers:
+            tower.encoder.requires_grad_(True)
+        return
+    target = TEXT_TARGETS if not args.train_vision_tower else TEXT_TARGETS.replace("text_model", "(text|vision)_model")
+    inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, target_modules=target,
+                                       init_lora_weights=True), student)
+
+
 def train(args) -> dict:
     # 1. Everything that can be refused is refused before any model loads.
     spec = concept_spec(args)
     check_output_dir(args)
-    if args.forget_loss not in ("dot", "neg_contrastive"):
-        raise ValueError("--forget_loss must be 'dot' or 'neg_contrastive'")
     miniworld = args.pretrained_model_name_or_path == "miniworld"
     if not miniworld and not args.train_data_dir and not args.generate_data:
         raise ValueError("a model other than the miniature world needs --train_data_dir, or --generate_data")
+    if args.generate_data and args.target != "pipeline":
+        raise ValueError("--generate_data generates images with a pipeline: it needs --target pipeline")
+    if args.train_vision_tower and args.target != "clip":
+        raise ValueError("--train_vision_tower changes CLIP's image side, which a pipeline never reads: "
+                         "use it with --target clip")
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -150,69 +280,56 @@ def train(args) -> dict:
     set_seed(args.seed)
     start = time.time()
 
-    # 2. Models: the CLIP whose text tower is the pipeline's text encoder, and its frozen copy (the "original").
-    clip_name = args.clip_model_name_or_path or args.pretrained_model_name_or_path
-    student, tokenizer = load_clip(clip_name)
-    pipe = None
-    if args.target == "pipeline":
-        from .patch import fingerprint
+    # 2. Models: per text encoder, the CLIP whose text tower it is (trainable) and its frozen copy (the original).
+    towers, students, pipe = load_towers(args, accelerator)
+    for student in students.values():
+        make_trainable(student, args)
+    if pipe is not None:
+        pipe.to(accelerator.device)
 
-        pipe = load_pipeline(args.pretrained_model_name_or_path)
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            raise ValueError("CLIPErase training of SDXL's two text encoders is not supported yet; "
-                             "use `erase-diffusion erase` (closed form), which handles SDXL")
-        if fingerprint(student.text_model) != fingerprint(pipe.text_encoder):
-            raise ValueError(f"the text tower of CLIP {clip_name!r} is not the text encoder of pipeline "
-                             f"{args.pretrained_model_name_or_path!r}: pass the matching --clip_model_name_or_path")
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()
-    student.requires_grad_(False)
-    if args.full_finetune:
-        student.text_model.encoder.requires_grad_(True)
-    else:
-        inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank,
-                                           target_modules=TEXT_TARGETS, init_lora_weights=True), student)
-    params = [p for p in student.parameters() if p.requires_grad]
-
-    # 3. Data: forget/retain pairs (image embeddings are fixed: the vision tower is frozen) and prompt sets.
+    # 3. Data: forget/retain pairs embedded by each frozen vision tower, and the prompt sets of the token terms.
     if miniworld:
         pairs = pair_data.from_miniworld(spec, seed=args.seed + 1)
+    elif args.train_data_dir:
+        pairs = pair_data.from_folder(args.train_data_dir, spec)
     else:
-        from transformers import CLIPImageProcessor
-
-        processor = CLIPImageProcessor.from_pretrained(clip_name)
-        pairs = (pair_data.from_folder(args.train_data_dir, spec, processor) if args.train_data_dir
-                 else pair_data.from_pipeline(pipe, spec, processor))
+        pairs = pair_data.from_pipeline(pipe, spec)
     forget, retain = pairs.split()
     prompts = pair_data.prompt_sets(spec, miniworld, seed=args.seed)
-    teacher.to(accelerator.device)
-    with torch.no_grad():
-        def image_emb(x):
-            return torch.cat([features(teacher.get_image_features(pixel_values=x[i : i + 256].to(accelerator.device)))
-                              for i in range(0, len(x), 256)])
-        forget_img, retain_img = image_emb(forget.images), image_emb(retain.images)
+    for tower, name in zip(towers, args.clip_model_name_or_path or [args.pretrained_model_name_or_path]):
+        processor = None if miniworld else CLIPImageProcessor.from_pretrained(resolve(name, "clip"))
+        f_pix, r_pix = forget.pixels(processor), retain.pixels(processor)
+        tower.forget_img, tower.retain_img = (image_embeddings(tower.teacher, x, accelerator.device) for x in (f_pix, r_pix))
+        if args.train_vision_tower:
+            tower.forget_pixels, tower.retain_pixels = f_pix, r_pix
     logger.info("forget pairs %d, retain pairs %d", len(forget.captions), len(retain.captions))
+    if pipe is not None and not args.validation_steps:
+        pipe = None  # only the validation grids need it from here on
 
+    weights = cliperase.LossWeights(args.forget_weight, args.retain_weight, args.consistency_weight,
+                                    args.token_forget_weight, args.token_consistency_weight)
+    model = EraseObjective(students, towers, weights, args.forget_loss, args.train_vision_tower)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay)
-    student, optimizer = accelerator.prepare(student, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
-    # 4. Checkpoints hold the trainable weights only (LoRA: a few hundred KB), not the whole CLIP.
-    def save_hook(models, weights, out):
+    # 4. Checkpoints hold the trainable weights only (LoRA: a few hundred KB), not whole CLIPs; the optimizer, RNG
+    # and step come from Accelerate's save_state.
+    def save_hook(models, weights_, out):
         if accelerator.is_main_process:
-            model = accelerator.unwrap_model(models[0])
-            state = (get_peft_model_state_dict(model) if not args.full_finetune
-                     else {k: v for k, v in model.state_dict().items() if k.startswith("text_model.encoder.")})
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out, "trainable.safetensors"))
-        weights.clear()
+            state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(models[0]).state_dict().items()
+                     if k in trainable}
+            save_file(state, os.path.join(out, "trainable.safetensors"))
+        weights_.clear()
 
     def load_hook(models, inp):
-        model = accelerator.unwrap_model(models.pop())
         state = load_file(os.path.join(inp, "trainable.safetensors"))
-        if args.full_finetune:
-            missing = model.load_state_dict(state, strict=False)
-            assert not missing.unexpected_keys, missing.unexpected_keys
-        else:
-            set_peft_model_state_dict(model, state)
+        if set(state) != trainable:
+            raise ValueError(f"checkpoint {inp} holds other trainable weights than this run "
+                             f"({len(set(state) ^ trainable)} differ): resume with the same settings")
+        accelerator.unwrap_model(models.pop()).load_state_dict(state, strict=False)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -231,31 +348,29 @@ def train(args) -> dict:
     if accelerator.is_main_process:
         accelerator.init_trackers("erase", config={k: v for k, v in vars(args).items()
                                                    if isinstance(v, (int, float, str, bool))})
-        if pipe is not None and args.validation_steps:
-            save_validation(pipe, accelerator.unwrap_model(student), tokenizer, args, spec, output_dir, 0)
+        if pipe is not None:
+            save_validation(pipe, {}, args, spec, output_dir, 0)
 
     # 5. The loop. Batches are drawn from per-process generators seeded by rank, so DDP replicas see different data.
-    weights = cliperase.LossWeights(args.forget_weight, args.retain_weight, args.consistency_weight,
-                                    args.token_forget_weight, args.token_consistency_weight)
     g = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index + global_step)
     bar = tqdm(range(global_step, args.max_train_steps), initial=global_step, total=args.max_train_steps,
                desc="erase", disable=not accelerator.is_local_main_process)
     loss_value, terms = float("nan"), {}
+    n = args.train_batch_size
     for _ in bar:
-        with accelerator.accumulate(student):
-            fi = torch.randint(0, len(forget.captions), (args.train_batch_size,), generator=g)
-            ri = torch.randint(0, len(retain.captions), (args.train_batch_size,), generator=g)
-            pi = torch.randint(0, len(prompts["forget"]), (args.train_batch_size,), generator=g)
-            qi = torch.randint(0, len(prompts["retain"]), (args.train_batch_size,), generator=g)
+        with accelerator.accumulate(model):
+            fi, ri = torch.randint(0, len(forget.captions), (n,), generator=g), torch.randint(0, len(retain.captions), (n,), generator=g)
+            pi, qi = torch.randint(0, len(prompts["forget"]), (n,), generator=g), torch.randint(0, len(prompts["retain"]), (n,), generator=g)
             batch = {
-                "forget_img": forget_img[fi], "forget_captions": [forget.captions[i] for i in fi],
-                "retain_img": retain_img[ri], "retain_captions": [retain.captions[i] for i in ri],
+                "fi": fi.to(accelerator.device), "forget_captions": [forget.captions[i] for i in fi],
+                "ri": ri.to(accelerator.device), "retain_captions": [retain.captions[i] for i in ri],
                 "forget_prompts": [prompts["forget"][i] for i in pi], "anchor_prompts": [prompts["anchor"][i] for i in pi],
                 "retain_prompts": [prompts["retain"][i] for i in qi],
             }
-            loss, terms = erase_loss(accelerator.unwrap_model(student), teacher, tokenizer, batch, weights, args.forget_loss)
+            loss, terms = model(batch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {global_step} ({terms}); lower --learning_rate")
+                raise FloatingPointError(f"loss is {loss.item()} at step {global_step} "
+                                         f"({ {k: v.item() for k, v in terms.items()} }); lower --learning_rate")
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -263,38 +378,40 @@ def train(args) -> dict:
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             global_step += 1
-            loss_value = loss.item()
+            loss_value, terms = loss.item(), {k: v.item() for k, v in terms.items()}
             accelerator.log({"loss": loss_value, **terms}, step=global_step)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
                 if accelerator.is_main_process:
                     prune_checkpoints(output_dir, args.checkpoints_total_limit)
                 accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
-            if (pipe is not None and args.validation_steps and global_step % args.validation_steps == 0
-                    and accelerator.is_main_process):
-                save_validation(pipe, accelerator.unwrap_model(student), tokenizer, args, spec, output_dir, global_step)
+            if pipe is not None and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                save_validation(pipe, all_patch_layers(students, towers, args)[0], args, spec, output_dir, global_step)
     train_seconds = time.time() - start
 
-    # 6. Export: LoRA (or the full fine-tune's SVD) → the patch, written atomically by the patch module.
+    # 6. Export: LoRA (or the full fine-tune's SVD) of every tower → one patch, written atomically by the patch module.
     accelerator.wait_for_everyone()
-    metrics = {"train_seconds": round(train_seconds, 1), "steps": global_step, "final_loss": loss_value, "terms": terms}
+    if accelerator.num_processes > 1:  # DDP replicas must have stayed identical, or the patch is one replica's guess
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+        sums = accelerator.gather(checksum)
+        if not torch.allclose(sums, sums[:1].expand_as(sums), rtol=1e-9, atol=1e-12):
+            raise RuntimeError(f"the {accelerator.num_processes} processes ended with different weights {sums.tolist()}")
+    metrics = {"train_seconds": round(train_seconds, 1), "steps": global_step, "final_loss": loss_value, "terms": terms,
+               "processes": accelerator.num_processes}
     if accelerator.is_main_process:
         from .patch import fingerprint, save_patch
 
-        model = accelerator.unwrap_model(student)
+        layers, residual = all_patch_layers(students, towers, args)
         if args.full_finetune:
-            layers, residual = full_finetune_layers(model, teacher, args.rank)
             metrics["lowrank_residual"] = residual
-        else:
-            layers = lora_layers(model)
-        settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) or v is None}
-        patch = save_patch(output_dir / PATCH_NAME, {"text_encoder": layers}, method="cliperase", settings=settings,
+        settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list)) or v is None}
+        patch = save_patch(output_dir / PATCH_NAME, layers, method="cliperase", settings=settings,
                            erased=spec.erase, protected=spec.keep, base_model=args.pretrained_model_name_or_path,
-                           fingerprints={"text_encoder": fingerprint(teacher.text_model)})
+                           fingerprints={t.name: fingerprint(t.teacher.text_model) for t in towers})
         metrics["patch"] = str(patch)
         metrics["patch_bytes"] = patch.stat().st_size
-        if pipe is not None and args.validation_steps:
-            metrics["validation_grid"] = str(save_validation(pipe, model, tokenizer, args, spec, output_dir, global_step))
+        if pipe is not None:
+            metrics["validation_grid"] = str(save_validation(pipe, layers, args, spec, output_dir, global_step))
         if miniworld:
             from .measure import miniworld_metrics
 
@@ -302,6 +419,12 @@ def train(args) -> dict:
         write_json_atomic(output_dir / "metrics.json", metrics)
     accelerator.end_training()
     return metrics
+
+
+@torch.no_grad()
+def image_embeddings(clip, pixels: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
+    return torch.cat([features(clip.get_image_features(pixel_values=pixels[i : i + batch].to(device)))
+                      for i in range(0, len(pixels), batch)])
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -312,26 +435,43 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
         shutil.rmtree(old)
 
 
+@contextmanager
+def merged(pipe, layers: dict):
+    """The pipeline with a patch's ``layers`` ({component: {module: LoraFactors}}) merged into its text encoders, the
+    original weights restored on exit: validation images come from the pipeline's own prompt encoding, guidance and
+    SDXL pooling, with exactly the weights the patch will hold."""
+    from .patch import TEXT_ENCODERS
+    from .pipelines.loading import find_linear
+
+    saved = []
+    try:
+        with torch.no_grad():
+            for component, modules in layers.items():
+                if component in TEXT_ENCODERS:
+                    for module, factors in modules.items():
+                        weight = find_linear(getattr(pipe, component), module).weight
+                        saved.append((weight, weight.clone()))
+                        weight.add_(factors.delta().to(weight))
+        yield pipe
+    finally:
+        with torch.no_grad():
+            for weight, original in reversed(saved):
+                weight.copy_(original)
+
+
 @torch.no_grad()
-def save_validation(pipe, student, tokenizer, args, spec: ConceptSpec, output_dir: Path, step: int) -> Path:
-    """Before/after grid: row 1 the original pipeline, row 2 with the current text tower; same seeds."""
+def save_validation(pipe, layers: dict, args, spec: ConceptSpec, output_dir: Path, step: int) -> Path:
+    """Before/after grid: row 1 the original pipeline, row 2 with the current patch merged; same seeds."""
     from .measure import save_grid
 
     prompts = args.validation_prompts or [f"a {w}" for w in spec.all_erase_words()] + [f"a {k}" for k in spec.keep[:2]]
-    device = pipe.device
     rows = []
     for erased in (False, True):
         images = []
-        for i, p in enumerate(prompts):
-            g = torch.Generator().manual_seed(args.seed + i)
-            if erased:
-                cond = encode(student, tokenizer, [p], device, tokens=True)
-                uncond = encode(student, tokenizer, [""], device, tokens=True)
-                out = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, generator=g, output_type="pt",
-                           num_inference_steps=20)
-            else:
-                out = pipe(p, generator=g, output_type="pt", num_inference_steps=20)
-            images.append(out.images[0] * 2 - 1)
+        with merged(pipe, layers) if erased else nullcontext():
+            for i, p in enumerate(prompts):
+                g = torch.Generator().manual_seed(args.seed + i)
+                images.append(pipe(p, generator=g, output_type="pt", num_inference_steps=20).images[0] * 2 - 1)
         rows.append(torch.stack(images))
     return save_grid(torch.cat(rows), output_dir / "validation" / f"step-{step:06d}.png", columns=len(prompts))
 

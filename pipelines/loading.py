@@ -53,7 +53,7 @@ def loaded_adapters(pipe) -> set[str]:
     return {name for names in pipe.get_list_adapters().values() for name in names}
 
 
-def _find_linear(te, module: str):
+def find_linear(te, module: str):
     """The nn.Linear a text-encoder module path names, in either CLIPTextModel layout (None if absent)."""
     name = module if hasattr(te, "text_model") else module.removeprefix("text_model.")
     try:
@@ -83,7 +83,7 @@ def check_patch(pipe, patch: Patch, *, force: bool = False) -> None:
         mods = {m: (f.B.shape[0], f.A.shape[1]) for m, f in patch.layers.get(component, {}).items()}
         mods.update({m: tuple(d.shape) for m, d in patch.full.get(component, {}).items()})
         for module, (out_f, in_f) in mods.items():
-            lin = _find_linear(te, module)
+            lin = find_linear(te, module)
             if lin is None:
                 raise PatchError(f"patch {name}: {component} of this pipeline has no linear layer {module} "
                                  "(a patch for another architecture?)")

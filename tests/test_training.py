@@ -1,7 +1,10 @@
 """CLIPErase: the loss modules as separate pieces, the training script through `accelerate launch`, resume, and
 the refusals that must come before any model loads."""
 
+import argparse
+import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from train_erase import parse_args  # noqa: E402
 
-from erase_diffusion.training import train  # noqa: E402
+from erase_diffusion.training import (  # noqa: E402
+    TextTower, encode_read, make_trainable, merged, patch_layers, train)
+
+sys.path.insert(0, str(ROOT / "tests"))
+import tiny_models  # noqa: E402
 
 FAST = ["--max_train_steps", "3", "--train_batch_size", "8", "--validation_steps", "0", "--eval_generations", "0",
         "--report_to", "none"]
@@ -102,3 +109,183 @@ def test_accelerate_launch_and_resume(tmp_path):
                              capture_output=True, text=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and json.loads((out / "metrics.json").read_text())["steps"] == 5
+
+
+def _randomised_students(pipe, args):
+    """Per text encoder: its CLIP with LoRA injected and random (non-zero) LoRA weights."""
+    students, towers = {}, []
+    for component in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, component, None) is None:
+            continue
+        clip, _ = tiny_models.clip_for(getattr(pipe, component))
+        teacher = copy.deepcopy(clip)
+        make_trainable(clip, args)
+        torch.manual_seed(len(students))
+        with torch.no_grad():
+            for name, p in clip.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn_like(p) * 0.2)
+        students[component] = clip
+        towers.append(TextTower(component, teacher, None))
+    return students, towers
+
+
+def _encode_like_the_pipeline(students, pipe, prompt):
+    """(prompt_embeds, pooled) as the pipeline would compute them with the students' text towers (encode_read)."""
+    sdxl = len(students) == 2
+    states, pooled = [], None
+    for name, student in students.items():
+        tok = pipe.tokenizer_2 if name == "text_encoder_2" else pipe.tokenizer
+        s, p = encode_read(student, tok, [prompt], "cpu", layer=-2 if sdxl else -1, pooled=name == "text_encoder_2")
+        states.append(s)
+        pooled = p if p is not None else pooled
+    return torch.cat(states, -1), pooled
+
+
+@pytest.mark.parametrize("make", [tiny_models.sd_pipeline, tiny_models.sdxl_pipeline], ids=["sd1", "sdxl"])
+@pytest.mark.parametrize("full_finetune", [False, True], ids=["lora", "full"])
+def test_exported_patch_is_what_was_trained(tmp_path, make, full_finetune):
+    """What the objective trains (encode_read of the students: last or penultimate layer, SDXL's pooled embedding)
+    == what plain diffusers computes after ``load_lora_weights`` of the exported patch, and == the merged weights
+    the validation grids use."""
+    from erase_diffusion.patch import fingerprint, save_patch
+
+    lora = argparse.Namespace(rank=4, lora_alpha=None, full_finetune=False, train_vision_tower=False)
+    pipe = make()
+    students, towers = _randomised_students(pipe, lora)
+    if full_finetune:  # a dense change of every encoder weight, exported by SVD at full rank
+        for student in students.values():
+            for name, m in list(student.named_modules()):  # merge and drop the LoRA wrappers: a plain dense model
+                if hasattr(m, "base_layer"):
+                    m.merge()
+                    parent, child = name.rsplit(".", 1)
+                    setattr(student.get_submodule(parent), child, m.base_layer)
+    args = argparse.Namespace(**{**vars(lora), "full_finetune": full_finetune, "rank": None if full_finetune else 4})
+    layers = {}
+    for tower in towers:
+        layers.update(patch_layers(students[tower.name], tower, args)[0])
+    path = save_patch(tmp_path / "p.safetensors", layers, method="cliperase", settings={}, erased=["circle"],
+                      protected=[], base_model="tiny", fingerprints={t.name: fingerprint(t.teacher.text_model) for t in towers})
+    with torch.no_grad():
+        want = _encode_like_the_pipeline(students, pipe, "a red circle")
+        base = pipe.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        with merged(pipe, layers):
+            in_grid = pipe.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1,
+                                         do_classifier_free_guidance=False)
+        patched = make()
+        patched.load_lora_weights(str(path))
+        got = patched.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    for w, g, v, b in zip(want, got[::2], in_grid[::2], base[::2]):  # (prompt_embeds, pooled)
+        if w is None:
+            continue
+        assert (w - b).abs().max() > 1e-3  # the towers really differ from the original ...
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)  # ... the patch reproduces them in diffusers ...
+        torch.testing.assert_close(v, w, atol=5e-5, rtol=1e-4)  # ... and so do the validation grids
+
+
+def test_merged_restores_the_pipeline_on_error():
+    pipe = tiny_models.sdxl_pipeline()
+    before = {k: v.clone() for k, v in pipe.text_encoder_2.state_dict().items()}
+    students, towers = _randomised_students(pipe, argparse.Namespace(rank=4, lora_alpha=None, full_finetune=False,
+                                                                      train_vision_tower=False))
+    args = argparse.Namespace(rank=4, full_finetune=False)
+    layers = {c: m for t in towers for c, m in patch_layers(students[t.name], t, args)[0].items()}
+    with pytest.raises(RuntimeError, match="boom"), merged(pipe, layers):
+        assert any(not torch.equal(v, before[k]) for k, v in pipe.text_encoder_2.state_dict().items())
+        raise RuntimeError("boom")
+    assert all(torch.equal(v, before[k]) for k, v in pipe.text_encoder_2.state_dict().items())
+
+
+@pytest.mark.slow
+def test_sdxl_two_encoders_with_generated_data(tmp_path):
+    """SDXL end to end: data generated by the pipeline itself, both text encoders trained, one patch that plain
+    diffusers loads into both."""
+    pipe = tiny_models.sdxl_pipeline()
+    clips = tiny_models.save_pipeline_with_clips(pipe, tmp_path)
+    common = ["--pretrained_model_name_or_path", str(tmp_path / "pipeline"), "--erase_concept", "circle",
+              "--keep_concepts", "square", "--generate_data", *FAST]
+    with pytest.raises(ValueError, match="pass one --clip_model_name_or_path per encoder"):
+        train(parse_args([*common, "--clip_model_name_or_path", clips[0], "--output_dir", str(tmp_path / "x")]))
+    out = tmp_path / "run"
+    metrics = train(parse_args([*common, "--clip_model_name_or_path", *clips, "--output_dir", str(out),
+                                "--validation_steps", "2"]))
+    assert {"text_encoder/forget", "text_encoder_2/token_forget"} <= set(metrics["terms"])
+    patch = load_patch(out / "erase_patch.safetensors")
+    assert patch.components == ["text_encoder", "text_encoder_2"]
+    assert set(patch.metadata["fingerprints"]) == {"text_encoder", "text_encoder_2"}
+    assert (out / "validation" / "step-000003.png").exists()
+    fresh = tiny_models.sdxl_pipeline()
+    base = fresh.encode_prompt("a circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    fresh.load_lora_weights(str(out / "erase_patch.safetensors"))
+    after = fresh.encode_prompt("a circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert not torch.equal(after[0], base[0]) and not torch.equal(after[2], base[2])
+
+
+def _write_pairs(folder: Path, layout: str) -> None:
+    from PIL import Image
+
+    folder.mkdir()
+    rows = []
+    for i, caption in enumerate(["a photo of a circle", "a circle on grass", "a square", "a red square", "a triangle"]):
+        Image.new("RGB", (40, 40), (40 * i, 100, 200 - 30 * i)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": caption})
+        if layout == "txt":
+            (folder / f"{i}.txt").write_text(caption)
+    if layout == "jsonl":
+        (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "txt"])
+def test_folder_of_pairs_trains_an_sd1_pipeline(tmp_path, layout):
+    pipe = tiny_models.sd_pipeline()
+    clips = tiny_models.save_pipeline_with_clips(pipe, tmp_path)
+    _write_pairs(tmp_path / "pairs", layout)
+    out = tmp_path / "run"
+    train(parse_args(["--pretrained_model_name_or_path", str(tmp_path / "pipeline"), "--clip_model_name_or_path",
+                      *clips, "--erase_concept", "circle", "--train_data_dir", str(tmp_path / "pairs"),
+                      "--output_dir", str(out), *FAST]))
+    assert load_patch(out / "erase_patch.safetensors").components == ["text_encoder"]
+
+
+def test_folder_errors(tmp_path):
+    from erase_diffusion.concepts import ConceptSpec
+    from erase_diffusion.data import from_folder
+
+    spec = ConceptSpec(["circle"])
+    with pytest.raises(ValueError, match="does not exist"):
+        from_folder(tmp_path / "nope", spec)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image–caption pairs"):
+        from_folder(tmp_path / "empty", spec)
+    _write_pairs(tmp_path / "pairs", "jsonl")
+    forget, retain = from_folder(tmp_path / "pairs", spec).split()
+    assert forget.captions == ["a photo of a circle", "a circle on grass"] and len(retain.images) == 3
+    with pytest.raises(ValueError, match="the forget set is empty"):
+        from_folder(tmp_path / "pairs", ConceptSpec(["hexagon"])).split()
+    (tmp_path / "pairs" / "3.png").unlink()
+    with pytest.raises(ValueError, match="do not exist"):
+        from_folder(tmp_path / "pairs", spec)
+
+
+def test_vision_tower_trains_only_when_asked(tmp_path):
+    with pytest.raises(ValueError, match="use it with --target clip"):
+        train(parse_args(["--erase_concept", "circle", "--train_vision_tower", "--output_dir", str(tmp_path / "a"), *FAST]))
+    train(parse_args(["--erase_concept", "circle", "--target", "clip", "--train_vision_tower",
+                      "--output_dir", str(tmp_path / "b"), *FAST]))
+    patch = load_patch(tmp_path / "b" / "erase_patch.safetensors")
+    assert patch.components == ["clip", "text_encoder"]
+    assert all(m.startswith("vision_model.encoder.layers.") for m in patch.layers["clip"])
+
+
+@pytest.mark.slow
+def test_ddp_replicas_stay_in_sync(tmp_path):
+    """Two processes through torchrun on CPU (gloo): Accelerate's DDP must all-reduce the gradients, which it only
+    does when the loss comes out of the wrapped model's forward. train() checks the replicas agree at the end."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "train_erase.py"), "--erase_concept", "circle", "--output_dir", str(out), *FAST],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 3

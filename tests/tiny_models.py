@@ -100,3 +100,41 @@ def sdxl_pipeline() -> StableDiffusionXLPipeline:
                                      unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def clip_for(text_encoder, image_size: int = 32):
+    """A CLIPModel whose text tower is ``text_encoder`` (weights copied; its projection too for SDXL's second encoder)
+    with a tiny random vision tower: what CLIPErase needs beside a pipeline. Returns (model, image processor)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig
+
+    from erase_diffusion.patch import clip_core
+
+    text = text_encoder.config
+    projection = getattr(text, "projection_dim", None) or text.hidden_size
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                              image_size=image_size, patch_size=8, projection_dim=projection)
+    torch.manual_seed(2)
+    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection))
+    clip_core(clip.text_model).load_state_dict(clip_core(text_encoder).state_dict())
+    if hasattr(text_encoder, "text_projection"):
+        clip.text_projection.load_state_dict(text_encoder.text_projection.state_dict())
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return clip.eval(), processor
+
+
+def save_pipeline_with_clips(pipe, folder) -> list[str]:
+    """Save ``pipe`` to ``folder/pipeline`` and, per text encoder, its CLIPModel to ``folder/clip_<component>``."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    pipe.save_pretrained(folder / "pipeline")
+    clips = []
+    for component in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, component, None) is not None:
+            clip, processor = clip_for(getattr(pipe, component))
+            out = folder / f"clip_{component}"
+            clip.save_pretrained(out)
+            processor.save_pretrained(out)
+            getattr(pipe, "tokenizer_2" if component == "text_encoder_2" else "tokenizer").save_pretrained(out)
+            clips.append(str(out))
+    return clips

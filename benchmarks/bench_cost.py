@@ -4,8 +4,8 @@ real size — and the inference latency of a patched pipeline (unfused LoRA and 
     OMP_NUM_THREADS=1 python benchmarks/bench_cost.py [--skip_real] [--esd_latent 64] [--repeats 7]
 
 Real size uses random weights with real configs: a CLIP-L text encoder (hidden 768, 12 layers, vocab 49408) for the
-nullspace edit and one CLIPErase step (text tower LoRA r8 forward + backward, batch 32; the frozen image tower's
-features are taken as given), and an SD 1.5 UNet2DConditionModel (860 M parameters) for **one** ESD-x step (two frozen
+nullspace edit; one step of the project's CLIPErase objective (training.EraseObjective, LoRA r8, teachers included;
+image features precomputed as in training) for SD 1.5's CLIP-L (batch 32) and SDXL's CLIP-L + bigG (batch 8); and an SD 1.5 UNet2DConditionModel (860 M parameters) for **one** ESD-x step (two frozen
 forward passes + one forward/backward through the UNet, batch 1); the 2-core CPU cannot afford a whole ESD run, so the
 table shows one step and a ×1000-step extrapolation, labelled as such. Latency: medians of ``--repeats`` interleaved
 runs in one process. Writes benchmarks/results/cost.json.
@@ -50,38 +50,76 @@ def clip_l_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                         vocab_size=49408, max_position_embeddings=77, projection_dim=768)
-    return CLIPTextModel(cfg).eval()
+    return CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, vocab_size=49408, max_position_embeddings=77)).eval()
 
 
-def cliperase_step(te, tok, batch: int = 32, rank: int = 8) -> dict:
-    """CLIPErase-style optimisation steps on the text tower: LoRA r8 on q/k/v/out of every layer; forget term =
-    matched-pair dot product, retain term = InfoNCE against given (frozen) image features. Times the second step
-    (the first one warms up)."""
-    import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   projection_dim=768, hidden_act="quick_gelu")  # openai/clip-vit-large-patch14
+BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 projection_dim=1280, hidden_act="gelu")  # laion/CLIP-ViT-bigG-14-laion2B-39B-b160k (SDXL's 2nd)
 
-    model = get_peft_model(te, LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                  "out_proj"]))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ids = tok([f"a red circle {i}" for i in range(batch)], padding="max_length", max_length=77,
-              return_tensors="pt").input_ids
-    img = F.normalize(torch.randn(batch, 768), dim=-1)
-    half = batch // 2
+
+def real_clip(text: dict):
+    """A CLIPModel with a real-size text tower (random weights) and a token vision tower: the CLIPErase step reads
+    image features computed once by the frozen vision tower, so its size does not enter the step's cost."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                  patch_size=8, projection_dim=text["projection_dim"])
+    return CLIPModel(CLIPConfig(text_config={**text, "vocab_size": 49408, "max_position_embeddings": 77},
+                                vision_config=vision, projection_dim=text["projection_dim"])).eval()
+
+
+def cliperase_step(texts: list[dict], tok, batch: int, rank: int = 8) -> dict:
+    """One optimisation step of the project's own objective (``training.EraseObjective``: the three CLIPErase
+    modules + token terms, teachers included) with ``train_erase.py``'s LoRA on every text tower in ``texts``
+    (SD 1.5: CLIP-L, last layer; SDXL: CLIP-L + bigG, penultimate layer and bigG's pooled embedding).
+    Times the second step (the first warms up)."""
+    import argparse
+    import copy
+
+    from erase_diffusion.cliperase import LossWeights
+    from erase_diffusion.concepts import ConceptSpec
+    from erase_diffusion.data import prompt_sets
+    from erase_diffusion.training import EraseObjective, TextTower, make_trainable
+
+    sdxl = len(texts) == 2
+    names = ["text_encoder", "text_encoder_2"][: len(texts)]
+    args = argparse.Namespace(rank=rank, lora_alpha=None, full_finetune=False, train_vision_tower=False)
+    students, towers = {}, []
+    for name, text in zip(names, texts):
+        student = real_clip(text)
+        teacher = copy.deepcopy(student).requires_grad_(False)
+        make_trainable(student, args)
+        g = torch.Generator().manual_seed(1)
+        dim = text["projection_dim"]
+        towers.append(TextTower(name, teacher, tok, layer=-2 if sdxl else -1, pooled=name == "text_encoder_2",
+                                forget_img=torch.randn(64, dim, generator=g), retain_img=torch.randn(64, dim, generator=g)))
+        students[name] = student
+    model = EraseObjective(students, towers, LossWeights(), "dot")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    prompts = prompt_sets(ConceptSpec(["apple"], keep=["pear", "banana"], anchor="fruit"), miniworld=False)
+    caption = prompts["forget"][:batch]
+    idx = torch.arange(batch) % 64
+    data = {"fi": idx, "ri": idx, "forget_captions": caption, "retain_captions": prompts["retain"][:batch],
+            "forget_prompts": caption, "anchor_prompts": prompts["anchor"][:batch],
+            "retain_prompts": prompts["retain"][:batch]}
 
     def step():
-        txt = F.normalize(model(input_ids=ids).pooler_output, dim=-1)
-        loss = (txt[:half] * img[:half]).sum(-1).mean() + F.cross_entropy(100 * txt[half:] @ img[half:].T,
-                                                                            torch.arange(batch - half))
+        loss, _ = model(data)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     step()
     _, secs, peak = measure(step)
-    return {"seconds": secs, "peak_bytes": peak, "seconds_300_steps_extrapolated": secs * 300, "batch": batch,
-            "note": "one step after a warm-up step; text tower only (image features given)"}
+    weights = sum(p.numel() * p.element_size() for m in [*students.values(), *(t.teacher for t in towers)]
+                  for p in m.parameters())
+    return {"seconds": secs, "peak_bytes": peak, "weights_bytes": weights, "seconds_300_steps_extrapolated": secs * 300,
+            "batch": batch, "lora_params": sum(p.numel() for p in params),
+            "note": "one step of EraseObjective after a warm-up step; image features precomputed (frozen vision tower)"}
 
 
 def esd_step_sd15(latent: int = 64):
@@ -152,6 +190,8 @@ def main() -> None:
     ap.add_argument("--esd_steps", type=int, default=20, help="ESD-x steps timed on the miniworld (then ×300/steps)")
     ap.add_argument("--cliperase_json", default=str(ROOT / "benchmarks" / "results" / "evaluate.json"),
                     help="bench_evaluate output to take the measured CLIPErase training time from")
+    ap.add_argument("--real_batch", type=int, default=32, help="CLIPErase step batch at CLIP-L size")
+    ap.add_argument("--sdxl_batch", type=int, default=8, help="CLIPErase step batch at SDXL size (CLIP-L + bigG)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--latency_steps", type=int, default=20)
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "cost.json"))
@@ -214,7 +254,9 @@ def real_part(res, tok, args):
         res["real"]["nullspace_clip_l"] = {"seconds": secs, "peak_bytes": peak}
         del te
         gc.collect()
-        res["real"]["cliperase_step_clip_l"] = cliperase_step(clip_l_text_encoder(), tok)
+        res["real"]["cliperase_step_clip_l"] = cliperase_step([CLIP_L_TEXT], tok, batch=args.real_batch)
+        gc.collect()
+        res["real"]["cliperase_step_sdxl"] = cliperase_step([CLIP_L_TEXT, BIGG_TEXT], tok, batch=args.sdxl_batch)
         gc.collect()
         if not args.skip_esd_real:
             res["real"]["esd_x_sd15_one_step"] = esd_step_sd15(args.esd_latent)
@@ -286,9 +328,12 @@ def table_real(real, L, mib):
     if "nullspace_clip_l" in real:
         lines.append(f"| nullspace | CLIP-L text encoder | {real['nullspace_clip_l']['seconds']:.1f} s | "
                      f"{mib(real['nullspace_clip_l']['peak_bytes'])} | – |")
-        c = real["cliperase_step_clip_l"]
-        lines.append(f"| CLIPErase, one step | CLIP-L text encoder | {c['seconds']:.1f} s (×300 ≈ "
-                     f"{c['seconds_300_steps_extrapolated']:.0f} s, extrapolated) | {mib(c['peak_bytes'])} | – |")
+        for key, scale in (("cliperase_step_clip_l", "CLIP-L (SD 1.5)"), ("cliperase_step_sdxl", "CLIP-L + bigG (SDXL)")):
+            if key in real:
+                c = real[key]
+                lines.append(f"| CLIPErase, one step, batch {c['batch']} | {scale} | {c['seconds']:.1f} s (×300 ≈ "
+                             f"{c['seconds_300_steps_extrapolated'] / 60:.0f} min, extrapolated) | {mib(c['peak_bytes'])} "
+                             f"(+ {c['weights_bytes'] / 2**30:.1f} GiB student + teacher weights) | – |")
     if "esd_x_sd15_one_step" in real:
         r = real["esd_x_sd15_one_step"]
         lines.append(f"| ESD-x, one step | SD 1.5 UNet ({r['latent'] * 8} px) | {r['step_s']:.1f} s (×1000 ≈ "

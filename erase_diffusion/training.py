@@ -1,9 +1,10 @@
-"""CLIPErase training with Accelerate: concepts → data → objective → LoRA on the text tower → patch.
+"""CLIPErase training with Accelerate: concepts → data → objective → LoRA on the text tower(s) → patch.
 
 ``train(args)`` is what ``accelerate launch train_erase.py`` runs; ``args`` are the script's parsed arguments
 (names as in diffusers' training examples). The loop follows diffusers' ``train_text_to_image_lora.py``: one
-``Accelerator``, a frozen reference model outside ``prepare``, checkpoints through ``save_state`` with hooks that
-store only the LoRA weights, and the whole objective visible in ``erase_loss``.
+``Accelerator``, frozen reference models outside ``prepare``, checkpoints through ``save_state`` with hooks that
+store only the trainable weights, and the whole objective visible in ``EraseObjective``. SDXL trains both text
+encoders (one ``TextTower`` each) into one patch.
 """
 
 from __future__ import annotations
@@ -247,10 +248,9 @@ def load_towers(args, accelerator) -> tuple[list[TextTower], dict, object]:
 def make_trainable(student, args) -> None:
     """LoRA on the text tower (default) or its full weights; the vision tower too with --train_vision_tower."""
     student.requires_grad_(False)
-    towers = [student.text_model] + ([student.vision_model] if args.train_vision_tower else [])
     if args.full_finetune:
-        for tower in towers:
-            tower.encoder.requires_grad_(True)
+        for part in [student.text_model] + ([student.vision_model] if args.train_vision_tower else []):
+            part.encoder.requires_grad_(True)
         return
     target = TEXT_TARGETS if not args.train_vision_tower else TEXT_TARGETS.replace("text_model", "(text|vision)_model")
     inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, target_modules=target,
@@ -264,8 +264,9 @@ def train(args) -> dict:
     miniworld = args.pretrained_model_name_or_path == "miniworld"
     if not miniworld and not args.train_data_dir and not args.generate_data:
         raise ValueError("a model other than the miniature world needs --train_data_dir, or --generate_data")
-    if args.generate_data and args.target != "pipeline":
-        raise ValueError("--generate_data generates images with a pipeline: it needs --target pipeline")
+    if args.generate_data and (args.target != "pipeline" or not spec.keep):
+        raise ValueError("--generate_data generates forget and retain images with the pipeline: it needs "
+                         "--target pipeline and concepts to keep (--keep_concepts)")
     if args.train_vision_tower and args.target != "clip":
         raise ValueError("--train_vision_tower changes CLIP's image side, which a pipeline never reads: "
                          "use it with --target clip")

@@ -289,3 +289,15 @@ def test_ddp_replicas_stay_in_sync(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 3
+
+
+def test_several_concepts_in_one_run(tmp_path):
+    train(parse_args(["--erase_concept", "circle", "square", "--target", "clip", "--output_dir", str(tmp_path), *FAST]))
+    assert load_patch(tmp_path / "erase_patch.safetensors").metadata["erased"] == ["circle", "square"]
+
+
+def test_nan_loss_stops_the_run_without_a_patch(tmp_path):
+    with pytest.raises(FloatingPointError, match="lower --learning_rate"):
+        train(parse_args(["--erase_concept", "circle", "--target", "clip", "--learning_rate", "1e30",
+                          "--output_dir", str(tmp_path), *FAST]))
+    assert not (tmp_path / "erase_patch.safetensors").exists()

@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     p.add_argument("--seed", type=int, default=0)
     # checkpoints, logs, validation
     p.add_argument("--checkpointing_steps", type=int, default=100)

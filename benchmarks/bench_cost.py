@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -71,11 +72,11 @@ def real_clip(text: dict):
                                 vision_config=vision, projection_dim=text["projection_dim"])).eval()
 
 
-def cliperase_step(texts: list[dict], tok, batch: int, rank: int = 8) -> dict:
+def cliperase_step(texts: list[dict], tok, batch: int, gradient_checkpointing: bool = False, rank: int = 8) -> dict:
     """One optimisation step of the project's own objective (``training.EraseObjective``: the three CLIPErase
     modules + token terms, teachers included) with ``train_erase.py``'s LoRA on every text tower in ``texts``
     (SD 1.5: CLIP-L, last layer; SDXL: CLIP-L + bigG, penultimate layer and bigG's pooled embedding).
-    Times the second step (the first warms up)."""
+    Times the second step (the first warms up). Run it in its own process (``isolated``): the peak is per process."""
     import argparse
     import copy
 
@@ -86,7 +87,8 @@ def cliperase_step(texts: list[dict], tok, batch: int, rank: int = 8) -> dict:
 
     sdxl = len(texts) == 2
     names = ["text_encoder", "text_encoder_2"][: len(texts)]
-    args = argparse.Namespace(rank=rank, lora_alpha=None, full_finetune=False, train_vision_tower=False)
+    args = argparse.Namespace(rank=rank, lora_alpha=None, full_finetune=False, train_vision_tower=False,
+                              gradient_checkpointing=gradient_checkpointing)
     students, towers = {}, []
     for name, text in zip(names, texts):
         student = real_clip(text)
@@ -115,11 +117,23 @@ def cliperase_step(texts: list[dict], tok, batch: int, rank: int = 8) -> dict:
 
     step()
     _, secs, peak = measure(step)
+    # the warm-up step's allocations stay cached, so the step's "extra" alone understates the footprint
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(p.numel() * p.element_size() for m in [*students.values(), *(t.teacher for t in towers)]
                   for p in m.parameters())
-    return {"seconds": secs, "peak_bytes": peak, "weights_bytes": weights, "seconds_300_steps_extrapolated": secs * 300,
-            "batch": batch, "lora_params": sum(p.numel() for p in params),
+    return {"seconds": secs, "peak_bytes": peak, "process_peak_bytes": process_peak, "weights_bytes": weights,
+            "seconds_200_steps_extrapolated": secs * 200,  # train_erase.py's default --max_train_steps
+            "batch": batch, "lora_params": sum(p.numel() for p in params), "gradient_checkpointing": gradient_checkpointing,
             "note": "one step of EraseObjective after a warm-up step; image features precomputed (frozen vision tower)"}
+
+
+def isolated(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a fresh spawned process, so its ru_maxrss is its own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def esd_step_sd15(latent: int = 64):
@@ -254,10 +268,12 @@ def real_part(res, tok, args):
         res["real"]["nullspace_clip_l"] = {"seconds": secs, "peak_bytes": peak}
         del te
         gc.collect()
-        res["real"]["cliperase_step_clip_l"] = cliperase_step([CLIP_L_TEXT], tok, batch=args.real_batch)
-        gc.collect()
-        res["real"]["cliperase_step_sdxl"] = cliperase_step([CLIP_L_TEXT, BIGG_TEXT], tok, batch=args.sdxl_batch)
-        gc.collect()
+        for ckpt in (False, True):
+            suffix = "_checkpointing" if ckpt else ""
+            res["real"][f"cliperase_step_clip_l{suffix}"] = isolated(cliperase_step, [CLIP_L_TEXT], tok,
+                                                                     batch=args.real_batch, gradient_checkpointing=ckpt)
+            res["real"][f"cliperase_step_sdxl{suffix}"] = isolated(cliperase_step, [CLIP_L_TEXT, BIGG_TEXT], tok,
+                                                                   batch=args.sdxl_batch, gradient_checkpointing=ckpt)
         if not args.skip_esd_real:
             res["real"]["esd_x_sd15_one_step"] = esd_step_sd15(args.esd_latent)
             r = res["real"]["esd_x_sd15_one_step"]
@@ -328,12 +344,15 @@ def table_real(real, L, mib):
     if "nullspace_clip_l" in real:
         lines.append(f"| nullspace | CLIP-L text encoder | {real['nullspace_clip_l']['seconds']:.1f} s | "
                      f"{mib(real['nullspace_clip_l']['peak_bytes'])} | – |")
-        for key, scale in (("cliperase_step_clip_l", "CLIP-L (SD 1.5)"), ("cliperase_step_sdxl", "CLIP-L + bigG (SDXL)")):
+        for key, scale in (("cliperase_step_clip_l", "CLIP-L (SD 1.5)"), ("cliperase_step_sdxl", "CLIP-L + bigG (SDXL)"),
+                           ("cliperase_step_clip_l_checkpointing", "CLIP-L (SD 1.5), --gradient_checkpointing"),
+                           ("cliperase_step_sdxl_checkpointing", "CLIP-L + bigG (SDXL), --gradient_checkpointing")):
             if key in real:
                 c = real[key]
-                lines.append(f"| CLIPErase, one step, batch {c['batch']} | {scale} | {c['seconds']:.1f} s (×300 ≈ "
-                             f"{c['seconds_300_steps_extrapolated'] / 60:.0f} min, extrapolated) | {mib(c['peak_bytes'])} "
-                             f"(+ {c['weights_bytes'] / 2**30:.1f} GiB student + teacher weights) | – |")
+                lines.append(f"| CLIPErase, one step, batch {c['batch']} | {scale} | {c['seconds']:.1f} s (×200 ≈ "
+                             f"{c['seconds_200_steps_extrapolated'] / 3600:.1f} h, extrapolated) | {mib(c['peak_bytes'])} "
+                             f"after a warm-up step; its process's peak {c['process_peak_bytes'] / 2**30:.1f} GiB, of which "
+                             f"{c['weights_bytes'] / 2**30:.1f} GiB student + teacher weights | – |")
     if "esd_x_sd15_one_step" in real:
         r = real["esd_x_sd15_one_step"]
         lines.append(f"| ESD-x, one step | SD 1.5 UNet ({r['latent'] * 8} px) | {r['step_s']:.1f} s (×1000 ≈ "

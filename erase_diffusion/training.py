@@ -246,15 +246,22 @@ def load_towers(args, accelerator) -> tuple[list[TextTower], dict, object]:
 
 
 def make_trainable(student, args) -> None:
-    """LoRA on the text tower (default) or its full weights; the vision tower too with --train_vision_tower."""
+    """LoRA on the text tower (default) or its full weights; the vision tower too with --train_vision_tower; activation
+    checkpointing with --gradient_checkpointing."""
     student.requires_grad_(False)
     if args.full_finetune:
         for part in [student.text_model] + ([student.vision_model] if args.train_vision_tower else []):
             part.encoder.requires_grad_(True)
-        return
-    target = TEXT_TARGETS if not args.train_vision_tower else TEXT_TARGETS.replace("text_model", "(text|vision)_model")
-    inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, target_modules=target,
-                                       init_lora_weights=True), student)
+    else:
+        target = TEXT_TARGETS if not args.train_vision_tower else TEXT_TARGETS.replace("text_model", "(text|vision)_model")
+        inject_adapter_in_model(LoraConfig(r=args.rank, lora_alpha=args.lora_alpha or args.rank, target_modules=target,
+                                           init_lora_weights=True), student)
+    student.train()  # CLIP and the LoRA have no dropout; train mode is what switches activation checkpointing on
+    if args.gradient_checkpointing:  # recompute each layer in backward: activations dominate memory at real size
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.23 (the old name is deprecated)
+            student.activation_checkpointing_enable()
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train(args) -> dict:

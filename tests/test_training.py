@@ -113,6 +113,10 @@ def test_accelerate_launch_and_resume(tmp_path):
     assert "resumed from" in resumed.stderr and json.loads((out / "metrics.json").read_text())["steps"] == 5
 
 
+LORA = argparse.Namespace(rank=4, lora_alpha=None, full_finetune=False, train_vision_tower=False,
+                          gradient_checkpointing=False)
+
+
 def _randomised_students(pipe, args):
     """Per text encoder: its CLIP with LoRA injected and random (non-zero) LoRA weights."""
     students, towers = {}, []
@@ -152,7 +156,7 @@ def test_exported_patch_is_what_was_trained(tmp_path, make, full_finetune):
     the validation grids use."""
     from erase_diffusion.patch import fingerprint, save_patch
 
-    lora = argparse.Namespace(rank=4, lora_alpha=None, full_finetune=False, train_vision_tower=False)
+    lora = LORA
     pipe = make()
     students, towers = _randomised_students(pipe, lora)
     if full_finetune:  # a dense change of every encoder weight, exported by SVD at full rank
@@ -188,10 +192,8 @@ def test_exported_patch_is_what_was_trained(tmp_path, make, full_finetune):
 def test_merged_restores_the_pipeline_on_error():
     pipe = tiny_models.sdxl_pipeline()
     before = {k: v.clone() for k, v in pipe.text_encoder_2.state_dict().items()}
-    students, towers = _randomised_students(pipe, argparse.Namespace(rank=4, lora_alpha=None, full_finetune=False,
-                                                                      train_vision_tower=False))
-    args = argparse.Namespace(rank=4, full_finetune=False)
-    layers = {c: m for t in towers for c, m in patch_layers(students[t.name], t, args)[0].items()}
+    students, towers = _randomised_students(pipe, LORA)
+    layers = {c: m for t in towers for c, m in patch_layers(students[t.name], t, LORA)[0].items()}
     with pytest.raises(RuntimeError, match="boom"), merged(pipe, layers):
         assert any(not torch.equal(v, before[k]) for k, v in pipe.text_encoder_2.state_dict().items())
         raise RuntimeError("boom")
@@ -301,3 +303,18 @@ def test_nan_loss_stops_the_run_without_a_patch(tmp_path):
         train(parse_args(["--erase_concept", "circle", "--target", "clip", "--learning_rate", "1e30",
                           "--output_dir", str(tmp_path), *FAST]))
     assert not (tmp_path / "erase_patch.safetensors").exists()
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    for name, extra in (("plain", []), ("ckpt", ["--gradient_checkpointing"])):
+        train(parse_args(["--erase_concept", "circle", "--output_dir", str(tmp_path / name), *FAST, *extra]))
+    plain, ckpt = (load_file(tmp_path / n / "erase_patch.safetensors") for n in ("plain", "ckpt"))
+    assert plain.keys() == ckpt.keys() and any(v.abs().max() > 0 for k, v in plain.items() if "lora_B" in k)
+    for key in plain:
+        torch.testing.assert_close(ckpt[key], plain[key], atol=1e-6, rtol=1e-5)
+    clip, _ = tiny_models.clip_for(tiny_models.sd_pipeline().text_encoder)
+    make_trainable(clip, argparse.Namespace(**{**vars(LORA), "gradient_checkpointing": True}))
+    layers = clip.text_model.encoder.layers
+    assert clip.training and all(layer.gradient_checkpointing for layer in layers)

@@ -23,12 +23,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import gradio as gr
 import torch
+
+from erase_diffusion.atomic import write_atomic
 
 DEFAULT_PATCH_DIR = "outputs/patches"
 PATCH_SUFFIX = ".safetensors"
@@ -319,10 +320,7 @@ class EraseApp:
                 name, k = f"{stem}-{k}{PATCH_SUFFIX}", k + 1
             dest = self.patch_dir / name
             if not dest.exists():
-                fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=PATCH_SUFFIX, dir=self.patch_dir)
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, dest)
+                write_atomic(dest, data)
                 try:
                     self.adapter_for(name)  # it must also fit this model (shapes, fingerprint)
                 except gr.Error:

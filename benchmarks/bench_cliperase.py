@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from train_erase import parse_args  # noqa: E402
 
+from erase_diffusion.atomic import write_json  # noqa: E402
 from erase_diffusion.training import train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -66,10 +67,7 @@ def main():
     print("|---|" + "---|" * (len(cols) + 1))
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r[k]:.1%}" for _, k in cols) + f" | {r['train_seconds']:.0f} |")
-    RESULTS.mkdir(exist_ok=True)
-    tmp = RESULTS / ".cliperase.json.tmp"
-    tmp.write_text(json.dumps({"concept": args.concept, "threads": torch.get_num_threads(), "rows": rows}, indent=2))
-    tmp.replace(RESULTS / "cliperase.json")
+    write_json(RESULTS / "cliperase.json", {"concept": args.concept, "threads": torch.get_num_threads(), "rows": rows})
 
 
 if __name__ == "__main__":

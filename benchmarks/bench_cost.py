@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_evaluate import PeakRSS  # noqa: E402
+from erase_diffusion.atomic import write_json  # noqa: E402
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -213,7 +214,6 @@ def main() -> None:
 
     from benchmarks.peers import esd_x, uce
     from erase_diffusion import nullspace
-    from erase_diffusion.evaluate import _write_atomic
     from erase_diffusion.models import load_pipeline
     from erase_diffusion.pipelines.loading import fuse, load_patches
 
@@ -229,7 +229,7 @@ def main() -> None:
 
         write_tokenizer(work / "tok")
         real_part(res, CLIPTokenizer.from_pretrained(work / "tok"), args)
-        report(res, args, _write_atomic)
+        report(res, args)
         return
     base = load_pipeline(args.model)
 
@@ -255,7 +255,7 @@ def main() -> None:
     if args.only == "all":
         real_part(res, base.tokenizer, args)
     latency_part(res, base, patch, args, load_pipeline, load_patches, fuse)
-    report(res, args, _write_atomic)
+    report(res, args)
 
 
 def real_part(res, tok, args):
@@ -305,7 +305,7 @@ def latency_part(res, base, patch, args, load_pipeline, load_patches, fuse):
 
 
 
-def report(res, args, _write_atomic):
+def report(res, args):
     def mib(x):
         return "–" if x is None else f"{x / 2**20:.0f} MiB"
 
@@ -318,7 +318,7 @@ def report(res, args, _write_atomic):
     md = "\n".join(lines)
     print(md)
     res["markdown"] = md
-    _write_atomic(Path(args.output), json.dumps(res, indent=2, default=str))
+    write_json(args.output, res)
     print(f"wrote {args.output}")
 
 

@@ -99,7 +99,8 @@ def main() -> None:
     from benchmarks.peers import esd_x, uce
     from erase_diffusion import nullspace
     from erase_diffusion.concepts import miniworld_spec
-    from erase_diffusion.evaluate import _write_atomic, evaluate_pipelines
+    from erase_diffusion.atomic import write_json
+    from erase_diffusion.evaluate import evaluate_pipelines
     from erase_diffusion.models import load_clip, load_judge, load_pipeline
     from erase_diffusion.patch import apply_to_clip
     from erase_diffusion.pipelines.loading import load_patches
@@ -220,7 +221,7 @@ def main() -> None:
           "Inception). ASR includes pre-attack successes.")
     out = {"quick": args.quick, "targets": TARGETS, "table": table, "markdown": md,
            "details": {k: {"cost": v["cost"], "metrics": v["metrics"]} for k, v in rows.items()}}
-    _write_atomic(Path(args.output), json.dumps(out, indent=2, default=str))
+    write_json(args.output, out)
     print(f"wrote {args.output}")
 
 

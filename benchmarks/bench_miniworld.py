@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from erase_diffusion.atomic import write_json
 from erase_diffusion.measure import eval_prompts, generate, held_out_dataset, judge_generations, zero_shot_accuracy
 from erase_diffusion.models import MINIWORLD_DIR, load_clip, load_judge, load_pipeline
 
@@ -72,10 +73,7 @@ def main():
     print("| measure | value | target |\n|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
-    RESULTS.mkdir(exist_ok=True)
-    tmp = RESULTS / ".miniworld.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(RESULTS / "miniworld.json")
+    write_json(RESULTS / "miniworld.json", res)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ import copy
 import html
 import io
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attacks
+from .atomic import write_atomic, write_json
 from .concepts import ConceptSpec, miniworld_attribute, miniworld_spec
 from .measure import PromptCase, classes, eval_prompts, features, grid_array, held_out_dataset, zero_shot_accuracy
 from .miniworld import domain
@@ -94,15 +93,6 @@ def found_mask(labels: dict, targets: list[tuple[str, str]]) -> torch.Tensor:
     for attribute, value in targets:
         found |= labels[attribute] == classes(attribute).index(value)
     return found
-
-
-def _write_atomic(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -554,8 +544,8 @@ def render_html(m: dict, images: dict) -> str:
 
 def write_outputs(m: dict, images: dict, output_dir) -> dict:
     out = Path(output_dir)
-    metrics = _write_atomic(out / "metrics.json", json.dumps(m, indent=2, default=str))
-    report = _write_atomic(out / "report.html", render_html(m, images))
+    metrics = write_json(out / "metrics.json", m)
+    report = write_atomic(out / "report.html", render_html(m, images))
     return {"metrics": metrics, "report": report}
 
 

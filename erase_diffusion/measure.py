@@ -146,12 +146,11 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int = 8) -> Path:
     """A PNG grid of images in [-1, 1], written atomically."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(grid_array(images, columns)).save(tmp)
-    tmp.replace(path)
-    return path
+    from .atomic import atomic_path
+
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(grid_array(images, columns)).save(tmp)
+    return Path(path)
 
 
 def add_cli_arguments(parser, command: str) -> None:

@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,17 +188,11 @@ def _save_atomic(tensors: dict[str, Tensor], path, meta: dict[str, str]) -> Path
     """safetensors to a temp file beside ``path``, then rename: a reader never sees a half-written file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def save_patch(

@@ -10,7 +10,6 @@ encoders (one ``TextTower`` each) into one patch.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor
 
 from . import cliperase, data as pair_data
+from .atomic import write_json
 from .concepts import ConceptSpec, miniworld_spec
 from .measure import features
 from .models import load_clip, load_pipeline, resolve
@@ -424,7 +424,7 @@ def train(args) -> dict:
             from .measure import miniworld_metrics
 
             metrics.update(miniworld_metrics(patch, spec, generations=args.eval_generations))
-        write_json_atomic(output_dir / "metrics.json", metrics)
+        write_json(output_dir / "metrics.json", metrics)
     accelerator.end_training()
     return metrics
 
@@ -483,8 +483,3 @@ def save_validation(pipe, layers: dict, args, spec: ConceptSpec, output_dir: Pat
         rows.append(torch.stack(images))
     return save_grid(torch.cat(rows), output_dir / "validation" / f"step-{step:06d}.png", columns=len(prompts))
 
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)

@@ -31,6 +31,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 from tqdm.auto import tqdm
 
+from ..atomic import write_json
 from . import domain
 from .judge import Judge
 from .tokenizer import write_tokenizer
@@ -253,7 +254,7 @@ def build(output: Path = DEFAULT_OUTPUT, seed: int = 0, force: bool = False, n_i
         with _atomic_dir(final) as tmp:
             info = fn(tmp)
         record[name] = {"seconds": round(time.time() - start, 1), "steps": STEPS.get(name), **info}
-        _write_json_atomic(record_path, {**record, "seed": seed, "n_images": n_images})
+        write_json(record_path, {**record, "seed": seed, "n_images": n_images})
 
     tok_dir = Path(tempfile.mkdtemp())
     tokenizer = write_tokenizer(tok_dir)
@@ -265,10 +266,6 @@ def build(output: Path = DEFAULT_OUTPUT, seed: int = 0, force: bool = False, n_i
     return record
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def add_cli_arguments(parser, command: str) -> None:

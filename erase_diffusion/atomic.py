@@ -1,0 +1,37 @@
+"""Atomic file writes: a temp file beside the target, then ``os.replace``. A reader sees the old file or the new
+one, never half of one; on error the temp file is removed and the target is untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path, suffix: str = ".tmp"):
+    """Yield a temp path in ``path``'s folder to write to; it replaces ``path`` when the block ends without error.
+
+    ``suffix`` matters to writers that pick a format from the name (PIL: ``.png``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path, data: bytes | str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def write_json(path, obj) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")

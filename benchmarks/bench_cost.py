@@ -4,7 +4,7 @@ real size — and the inference latency of a patched pipeline (unfused LoRA and 
     OMP_NUM_THREADS=1 python benchmarks/bench_cost.py [--skip_real] [--esd_latent 64] [--repeats 7]
 
 Real size uses random weights with real configs: a CLIP-L text encoder (hidden 768, 12 layers, vocab 49408) for the
-nullspace edit; one step of the project's CLIPErase objective (training.EraseObjective, LoRA r8, teachers included;
+nullspace edit; one step of the project's CLIPErase objective (training.EraseObjective, LoRA r8, original-model passes included;
 image features precomputed as in training) for SD 1.5's CLIP-L (batch 32) and SDXL's CLIP-L + bigG (batch 8); and an SD 1.5 UNet2DConditionModel (860 M parameters) for **one** ESD-x step (two frozen
 forward passes + one forward/backward through the UNet, batch 1); the 2-core CPU cannot afford a whole ESD run, so the
 table shows one step and a ×1000-step extrapolation, labelled as such. Latency: medians of ``--repeats`` interleaved
@@ -75,11 +75,10 @@ def real_clip(text: dict):
 
 def cliperase_step(texts: list[dict], tok, batch: int, gradient_checkpointing: bool = False, rank: int = 8) -> dict:
     """One optimisation step of the project's own objective (``training.EraseObjective``: the three CLIPErase
-    modules + token terms, teachers included) with ``train_erase.py``'s LoRA on every text tower in ``texts``
+    modules + token terms, the original model's passes included) with ``train_erase.py``'s LoRA on every text tower in ``texts``
     (SD 1.5: CLIP-L, last layer; SDXL: CLIP-L + bigG, penultimate layer and bigG's pooled embedding).
     Times the second step (the first warms up). Run it in its own process (``isolated``): the peak is per process."""
     import argparse
-    import copy
 
     from erase_diffusion.cliperase import LossWeights
     from erase_diffusion.concepts import ConceptSpec
@@ -93,11 +92,10 @@ def cliperase_step(texts: list[dict], tok, batch: int, gradient_checkpointing: b
     students, towers = {}, []
     for name, text in zip(names, texts):
         student = real_clip(text)
-        teacher = copy.deepcopy(student).requires_grad_(False)
         make_trainable(student, args)
         g = torch.Generator().manual_seed(1)
         dim = text["projection_dim"]
-        towers.append(TextTower(name, teacher, tok, layer=-2 if sdxl else -1, pooled=name == "text_encoder_2",
+        towers.append(TextTower(name, tok, "", layer=-2 if sdxl else -1, pooled=name == "text_encoder_2",
                                 forget_img=torch.randn(64, dim, generator=g), retain_img=torch.randn(64, dim, generator=g)))
         students[name] = student
     model = EraseObjective(students, towers, LossWeights(), "dot")
@@ -120,8 +118,7 @@ def cliperase_step(texts: list[dict], tok, batch: int, gradient_checkpointing: b
     _, secs, peak = measure(step)
     # the warm-up step's allocations stay cached, so the step's "extra" alone understates the footprint
     process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    weights = sum(p.numel() * p.element_size() for m in [*students.values(), *(t.teacher for t in towers)]
-                  for p in m.parameters())
+    weights = sum(p.numel() * p.element_size() for m in students.values() for p in m.parameters())
     return {"seconds": secs, "peak_bytes": peak, "process_peak_bytes": process_peak, "weights_bytes": weights,
             "seconds_200_steps_extrapolated": secs * 200,  # train_erase.py's default --max_train_steps
             "batch": batch, "lora_params": sum(p.numel() for p in params), "gradient_checkpointing": gradient_checkpointing,
@@ -352,7 +349,7 @@ def table_real(real, L, mib):
                 lines.append(f"| CLIPErase, one step, batch {c['batch']} | {scale} | {c['seconds']:.1f} s (×200 ≈ "
                              f"{c['seconds_200_steps_extrapolated'] / 3600:.1f} h, extrapolated) | {mib(c['peak_bytes'])} "
                              f"after a warm-up step; its process's peak {c['process_peak_bytes'] / 2**30:.1f} GiB, of which "
-                             f"{c['weights_bytes'] / 2**30:.1f} GiB student + teacher weights | – |")
+                             f"{c['weights_bytes'] / 2**30:.1f} GiB weights | – |")
     if "esd_x_sd15_one_step" in real:
         r = real["esd_x_sd15_one_step"]
         lines.append(f"| ESD-x, one step | SD 1.5 UNet ({r['latent'] * 8} px) | {r['step_s']:.1f} s (×1000 ≈ "

@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor
@@ -67,14 +68,32 @@ class TextTower:
     """
 
     name: str  # patch component: "text_encoder" or "text_encoder_2"
-    teacher: torch.nn.Module  # the frozen original CLIPModel
     tokenizer: object
+    fingerprint: str  # of the original text tower, recorded in the patch
+    teacher: torch.nn.Module | None = None  # frozen copy of the original, needed only by full fine-tuning
     layer: int = -1
     pooled: bool = False
     forget_img: torch.Tensor | None = None  # image embeddings by the frozen vision tower
     retain_img: torch.Tensor | None = None
     forget_pixels: torch.Tensor | None = None  # kept only when the vision tower trains
     retain_pixels: torch.Tensor | None = None
+
+
+@contextmanager
+def original(student, tower: TextTower):
+    """The original model: the frozen copy when there is one (full fine-tuning), else the student with its LoRA
+    scaled to zero — base outputs exactly (+0.0), without a second copy of the weights in memory."""
+    if tower.teacher is not None:
+        yield tower.teacher
+        return
+    layers = [m for m in student.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m.scale_layer(0.0)
+    try:
+        yield student
+    finally:
+        for m in layers:
+            m.unscale_layer()  # back to lora_alpha / r
 
 
 def encode_pooled(model, tokenizer, texts: list[str], device) -> torch.Tensor:
@@ -103,7 +122,7 @@ class EraseObjective(torch.nn.Module):
 
     The loss is computed inside ``forward`` so that Accelerate's DDP wrapper sees one forward per backward and
     all-reduces the gradients; calling the unwrapped model would silently train each replica on its own.
-    The frozen teachers live in ``towers`` (plain attributes), outside DDP and outside checkpoints.
+    The original model's outputs come from ``original`` (no gradients), so nothing frozen is wrapped or checkpointed.
     """
 
     def __init__(self, students: dict, towers: list[TextTower], weights: cliperase.LossWeights, forget_loss: str,
@@ -129,9 +148,9 @@ class EraseObjective(torch.nn.Module):
 
     def tower_loss(self, student, tower: TextTower, batch: dict):
         """CLIPErase's three modules on image–text pairs, plus the token-level terms on what the pipeline reads."""
-        w, teacher, tok = self.weights, tower.teacher, tower.tokenizer
+        w, tok = self.weights, tower.tokenizer
         device = batch["fi"].device
-        scale = teacher.logit_scale.exp().detach()
+        scale = student.logit_scale.exp().detach()  # never trained
         terms = {}
         if w.forget:
             f_img = self.image_side(student, tower, "forget", batch["fi"])
@@ -144,15 +163,15 @@ class EraseObjective(torch.nn.Module):
             if w.retain:
                 terms["retain"] = cliperase.retention(r_img, r_txt, scale)
             if w.consistency:
-                with torch.no_grad():
-                    ref_txt = encode_pooled(teacher, tok, batch["retain_captions"], device)
+                with torch.no_grad(), original(student, tower) as ref:
+                    ref_txt = encode_pooled(ref, tok, batch["retain_captions"], device)
                 terms["consistency"] = cliperase.consistency(r_img, r_txt, tower.retain_img[batch["ri"]], ref_txt, scale)
         for name, prompts, targets in (("token_forget", "forget_prompts", "anchor_prompts"),
                                        ("token_consistency", "retain_prompts", "retain_prompts")):
             if getattr(w, name):
                 states, pooled = encode_read(student, tok, batch[prompts], device, tower.layer, tower.pooled)
-                with torch.no_grad():
-                    ref_states, ref_pooled = encode_read(teacher, tok, batch[targets], device, tower.layer, tower.pooled)
+                with torch.no_grad(), original(student, tower) as ref:
+                    ref_states, ref_pooled = encode_read(ref, tok, batch[targets], device, tower.layer, tower.pooled)
                 term = cliperase.token_forgetting if name == "token_forget" else cliperase.token_consistency
                 terms[name] = term(states, ref_states) + (term(pooled, ref_pooled) if tower.pooled else 0)
         return sum(getattr(w, name) * value for name, value in terms.items()), terms
@@ -238,8 +257,8 @@ def load_towers(args, accelerator) -> tuple[list[TextTower], dict, object]:
                 raise ValueError(f"the text tower of CLIP {clip_name!r} is not the {component} of pipeline "
                                  f"{args.pretrained_model_name_or_path!r}: pass the matching --clip_model_name_or_path")
             tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
-        teacher = copy.deepcopy(student).requires_grad_(False).eval().to(accelerator.device)
-        towers.append(TextTower(component, teacher, tokenizer, layer=-2 if sdxl else -1,
+        teacher = copy.deepcopy(student).requires_grad_(False).eval().to(accelerator.device) if args.full_finetune else None
+        towers.append(TextTower(component, tokenizer, fingerprint(student.text_model), teacher, layer=-2 if sdxl else -1,
                                 pooled=component == "text_encoder_2"))
         students[component] = student
     return towers, students, pipe
@@ -307,7 +326,8 @@ def train(args) -> dict:
     for tower, name in zip(towers, args.clip_model_name_or_path or [args.pretrained_model_name_or_path]):
         processor = None if miniworld else CLIPImageProcessor.from_pretrained(resolve(name, "clip"))
         f_pix, r_pix = forget.pixels(processor), retain.pixels(processor)
-        tower.forget_img, tower.retain_img = (image_embeddings(tower.teacher, x, accelerator.device) for x in (f_pix, r_pix))
+        with original(students[tower.name].to(accelerator.device), tower) as ref:
+            tower.forget_img, tower.retain_img = (image_embeddings(ref, x, accelerator.device) for x in (f_pix, r_pix))
         if args.train_vision_tower:
             tower.forget_pixels, tower.retain_pixels = f_pix, r_pix
     logger.info("forget pairs %d, retain pairs %d", len(forget.captions), len(retain.captions))
@@ -407,7 +427,7 @@ def train(args) -> dict:
     metrics = {"train_seconds": round(train_seconds, 1), "steps": global_step, "final_loss": loss_value, "terms": terms,
                "processes": accelerator.num_processes}
     if accelerator.is_main_process:
-        from .patch import fingerprint, save_patch
+        from .patch import save_patch
 
         layers, residual = all_patch_layers(students, towers, args)
         if args.full_finetune:
@@ -415,7 +435,7 @@ def train(args) -> dict:
         settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list)) or v is None}
         patch = save_patch(output_dir / PATCH_NAME, layers, method="cliperase", settings=settings,
                            erased=spec.erase, protected=spec.keep, base_model=args.pretrained_model_name_or_path,
-                           fingerprints={t.name: fingerprint(t.teacher.text_model) for t in towers})
+                           fingerprints={t.name: t.fingerprint for t in towers})
         metrics["patch"] = str(patch)
         metrics["patch_bytes"] = patch.stat().st_size
         if pipe is not None:

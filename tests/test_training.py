@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from erase_diffusion import cliperase
-from erase_diffusion.patch import load_patch
+from erase_diffusion.patch import fingerprint, load_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -124,7 +124,8 @@ def _randomised_students(pipe, args):
         if getattr(pipe, component, None) is None:
             continue
         clip, _ = tiny_models.clip_for(getattr(pipe, component))
-        teacher = copy.deepcopy(clip)
+        teacher = copy.deepcopy(clip)  # the full fine-tune case below turns these students dense
+        tower_fingerprint = fingerprint(clip.text_model)
         make_trainable(clip, args)
         torch.manual_seed(len(students))
         with torch.no_grad():
@@ -132,7 +133,7 @@ def _randomised_students(pipe, args):
                 if "lora_" in name:
                     p.copy_(torch.randn_like(p) * 0.2)
         students[component] = clip
-        towers.append(TextTower(component, teacher, None))
+        towers.append(TextTower(component, None, tower_fingerprint, teacher))
     return students, towers
 
 
@@ -154,7 +155,7 @@ def test_exported_patch_is_what_was_trained(tmp_path, make, full_finetune):
     """What the objective trains (encode_read of the students: last or penultimate layer, SDXL's pooled embedding)
     == what plain diffusers computes after ``load_lora_weights`` of the exported patch, and == the merged weights
     the validation grids use."""
-    from erase_diffusion.patch import fingerprint, save_patch
+    from erase_diffusion.patch import save_patch
 
     lora = LORA
     pipe = make()
@@ -171,7 +172,7 @@ def test_exported_patch_is_what_was_trained(tmp_path, make, full_finetune):
     for tower in towers:
         layers.update(patch_layers(students[tower.name], tower, args)[0])
     path = save_patch(tmp_path / "p.safetensors", layers, method="cliperase", settings={}, erased=["circle"],
-                      protected=[], base_model="tiny", fingerprints={t.name: fingerprint(t.teacher.text_model) for t in towers})
+                      protected=[], base_model="tiny", fingerprints={t.name: t.fingerprint for t in towers})
     with torch.no_grad():
         want = _encode_like_the_pipeline(students, pipe, "a red circle")
         base = pipe.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)

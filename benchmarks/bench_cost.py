@@ -1,14 +1,16 @@
 """What erasing one concept costs, per method: wall time, peak memory, artifact bytes — on the miniature world and at
 real size — and the inference latency of a patched pipeline (unfused LoRA and fused) against the base.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_cost.py [--skip_real] [--esd_latent 64] [--repeats 7]
+    OMP_NUM_THREADS=1 python benchmarks/bench_cost.py [--only all|mini|real] [--skip_esd_real] [--repeats 7]
 
 Real size uses random weights with real configs: a CLIP-L text encoder (hidden 768, 12 layers, vocab 49408) for the
-nullspace edit; one step of the project's CLIPErase objective (training.EraseObjective, LoRA r8, original-model passes included;
-image features precomputed as in training) for SD 1.5's CLIP-L (batch 32) and SDXL's CLIP-L + bigG (batch 8); and an SD 1.5 UNet2DConditionModel (860 M parameters) for **one** ESD-x step (two frozen
-forward passes + one forward/backward through the UNet, batch 1); the 2-core CPU cannot afford a whole ESD run, so the
-table shows one step and a ×1000-step extrapolation, labelled as such. Latency: medians of ``--repeats`` interleaved
-runs in one process. Writes benchmarks/results/cost.json.
+nullspace edit; one step of the project's CLIPErase objective (training.EraseObjective, LoRA r8, the original
+model's passes included, image features precomputed as in training) for SD 1.5's CLIP-L (batch 32) and SDXL's
+CLIP-L + bigG (batch 8), with and without activation checkpointing, each in its own process; and an SD 1.5
+UNet2DConditionModel (860 M parameters) for **one** ESD-x step (two frozen forward passes + one forward/backward
+through the UNet, batch 1). The 2-core CPU cannot afford whole real-size runs, so the table shows one step and an
+extrapolation, labelled as such. Latency: medians of ``--repeats`` interleaved runs in one process.
+Writes benchmarks/results/cost.json.
 """
 
 from __future__ import annotations

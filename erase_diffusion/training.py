@@ -2,9 +2,9 @@
 
 ``train(args)`` is what ``accelerate launch train_erase.py`` runs; ``args`` are the script's parsed arguments
 (names as in diffusers' training examples). The loop follows diffusers' ``train_text_to_image_lora.py``: one
-``Accelerator``, frozen reference models outside ``prepare``, checkpoints through ``save_state`` with hooks that
-store only the trainable weights, and the whole objective visible in ``EraseObjective``. SDXL trains both text
-encoders (one ``TextTower`` each) into one patch.
+``Accelerator``, the original model read as the student with its LoRA switched off (``original``), checkpoints
+through ``save_state`` with hooks that store only the trainable weights, and the whole objective visible in
+``EraseObjective``. SDXL trains both text encoders (one ``TextTower`` each) into one patch.
 """
 
 from __future__ import annotations
@@ -290,6 +290,8 @@ def train(args) -> dict:
     miniworld = args.pretrained_model_name_or_path == "miniworld"
     if not miniworld and not args.train_data_dir and not args.generate_data:
         raise ValueError("a model other than the miniature world needs --train_data_dir, or --generate_data")
+    if args.forget_loss not in ("dot", "neg_contrastive"):
+        raise ValueError("--forget_loss must be 'dot' or 'neg_contrastive'")
     if args.generate_data and (args.target != "pipeline" or not spec.keep):
         raise ValueError("--generate_data generates forget and retain images with the pipeline: it needs "
                          "--target pipeline and concepts to keep (--keep_concepts)")
@@ -307,7 +309,7 @@ def train(args) -> dict:
     set_seed(args.seed)
     start = time.time()
 
-    # 2. Models: per text encoder, the CLIP whose text tower it is (trainable) and its frozen copy (the original).
+    # 2. Models: per text encoder, the CLIP whose text tower it is, made trainable (LoRA, or full with a frozen copy).
     towers, students, pipe = load_towers(args, accelerator)
     for student in students.values():
         make_trainable(student, args)
@@ -387,8 +389,10 @@ def train(args) -> dict:
     n = args.train_batch_size
     for _ in bar:
         with accelerator.accumulate(model):
-            fi, ri = torch.randint(0, len(forget.captions), (n,), generator=g), torch.randint(0, len(retain.captions), (n,), generator=g)
-            pi, qi = torch.randint(0, len(prompts["forget"]), (n,), generator=g), torch.randint(0, len(prompts["retain"]), (n,), generator=g)
+            fi = torch.randint(0, len(forget.captions), (n,), generator=g)
+            ri = torch.randint(0, len(retain.captions), (n,), generator=g)
+            pi = torch.randint(0, len(prompts["forget"]), (n,), generator=g)
+            qi = torch.randint(0, len(prompts["retain"]), (n,), generator=g)
             batch = {
                 "fi": fi.to(accelerator.device), "forget_captions": [forget.captions[i] for i in fi],
                 "ri": ri.to(accelerator.device), "retain_captions": [retain.captions[i] for i in ri],

@@ -77,6 +77,7 @@ class TextTower:
     retain_img: torch.Tensor | None = None
     forget_pixels: torch.Tensor | None = None  # kept only when the vision tower trains
     retain_pixels: torch.Tensor | None = None
+    clip_difference: float = 0.0  # relative weight difference between the CLIP's text tower and the pipeline's encoder
 
 
 @contextmanager
@@ -230,9 +231,39 @@ def all_patch_layers(students: dict, towers: list[TextTower], args) -> tuple[dic
     return layers, residual
 
 
+def adopt_encoder(student, encoder, what: str, tolerance: float = 1e-2) -> float:
+    """Make the CLIP's text tower exactly the pipeline's text encoder and return their largest relative difference.
+
+    Pipelines often ship their encoder rounded to fp16 (SDXL's checkpoints do) while the CLIP on the Hub keeps fp32,
+    so bit equality is too strict; a relative difference above ``tolerance`` (fp16 / bf16 rounding stays far below)
+    means another model and is refused. The patch is then trained on, and fingerprinted as, the pipeline's weights.
+    """
+    from .patch import clip_core
+
+    pairs = [(clip_core(student.text_model), clip_core(encoder))]
+    if hasattr(encoder, "text_projection"):  # SDXL's pooled embedding goes through it
+        pairs.append((student.text_projection, encoder.text_projection))
+    worst = 0.0
+    for mine, theirs in pairs:
+        a, b = mine.state_dict(), theirs.state_dict()
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+            raise ValueError(f"{what}: the architectures differ (parameter names or shapes)")
+        for k in a:
+            if a[k].is_floating_point():
+                ref = b[k].float()
+                worst = max(worst, float((a[k].float() - ref).norm() / ref.norm().clamp_min(1e-12)))
+    if worst > tolerance:
+        raise ValueError(f"{what}: the weights differ by {worst:.3g} (relative; fp16/bf16 rounding stays below "
+                         f"{tolerance:g}), so this CLIP is another model")
+    with torch.no_grad():
+        for mine, theirs in pairs:
+            mine.load_state_dict(theirs.state_dict())
+    return worst
+
+
 def load_towers(args, accelerator) -> tuple[list[TextTower], dict, object]:
     """(towers, {component: trainable CLIPModel}, pipeline or None). Pipeline first: it says how many text encoders
-    there are and what they read; each CLIP's text tower must be that encoder (fingerprints compared)."""
+    there are and what they read; each CLIP's text tower must be that encoder (``adopt_encoder``)."""
     from .patch import fingerprint
 
     clip_names = args.clip_model_name_or_path or [args.pretrained_model_name_or_path]
@@ -251,15 +282,16 @@ def load_towers(args, accelerator) -> tuple[list[TextTower], dict, object]:
     towers, students = [], {}
     for component, clip_name in zip(encoders, clip_names):
         student, tokenizer = load_clip(clip_name)
+        difference = 0.0
         if pipe is not None:
-            encoder = getattr(pipe, component)
-            if fingerprint(student.text_model) != fingerprint(encoder):
-                raise ValueError(f"the text tower of CLIP {clip_name!r} is not the {component} of pipeline "
-                                 f"{args.pretrained_model_name_or_path!r}: pass the matching --clip_model_name_or_path")
+            difference = adopt_encoder(student, getattr(pipe, component),
+                                       f"the text tower of CLIP {clip_name!r} vs the {component} of pipeline "
+                                       f"{args.pretrained_model_name_or_path!r} (pass the matching "
+                                       "--clip_model_name_or_path)")
             tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
         teacher = copy.deepcopy(student).requires_grad_(False).eval().to(accelerator.device) if args.full_finetune else None
         towers.append(TextTower(component, tokenizer, fingerprint(student.text_model), teacher, layer=-2 if sdxl else -1,
-                                pooled=component == "text_encoder_2"))
+                                pooled=component == "text_encoder_2", clip_difference=difference))
         students[component] = student
     return towers, students, pipe
 
@@ -429,7 +461,8 @@ def train(args) -> dict:
         if not torch.allclose(sums, sums[:1].expand_as(sums), rtol=1e-9, atol=1e-12):
             raise RuntimeError(f"the {accelerator.num_processes} processes ended with different weights {sums.tolist()}")
     metrics = {"train_seconds": round(train_seconds, 1), "steps": global_step, "final_loss": loss_value, "terms": terms,
-               "processes": accelerator.num_processes}
+               "processes": accelerator.num_processes,
+               "clip_text_tower_difference": {t.name: t.clip_difference for t in towers}}
     if accelerator.is_main_process:
         from .patch import save_patch
 

@@ -319,3 +319,30 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     make_trainable(clip, argparse.Namespace(**{**vars(LORA), "gradient_checkpointing": True}))
     layers = clip.text_model.encoder.layers
     assert clip.training and all(layer.gradient_checkpointing for layer in layers)
+
+
+def test_clip_rounded_to_fp16_is_adopted_and_another_clip_refused(tmp_path):
+    """Hub pipelines often ship their text encoder rounded to fp16 while the CLIP keeps fp32: training adopts the
+    pipeline's exact weights (the patch is fingerprinted as the pipeline's encoder); a different model is refused."""
+    from transformers import CLIPModel
+
+    pipe = tiny_models.sd_pipeline()
+    clip_dir = Path(tiny_models.save_pipeline_with_clips(pipe, tmp_path)[0])
+    _write_pairs(tmp_path / "pairs", "jsonl")
+    clip = CLIPModel.from_pretrained(clip_dir)
+    common = ["--pretrained_model_name_or_path", str(tmp_path / "pipeline"), "--erase_concept", "circle",
+              "--train_data_dir", str(tmp_path / "pairs"), *FAST]
+    with torch.no_grad():
+        for p in clip.text_model.parameters():
+            p.copy_(p.half().float())
+    clip.save_pretrained(clip_dir)
+    metrics = train(parse_args([*common, "--clip_model_name_or_path", str(clip_dir), "--output_dir", str(tmp_path / "a")]))
+    assert 0 < metrics["clip_text_tower_difference"]["text_encoder"] < 1e-3
+    patch = load_patch(tmp_path / "a" / "erase_patch.safetensors")
+    assert patch.metadata["fingerprints"]["text_encoder"] == fingerprint(pipe.text_encoder)
+    with torch.no_grad():
+        for p in clip.text_model.parameters():
+            p.add_(torch.randn_like(p) * p.std().clamp_min(1e-3))
+    clip.save_pretrained(clip_dir)
+    with pytest.raises(ValueError, match="so this CLIP is another model"):
+        train(parse_args([*common, "--clip_model_name_or_path", str(clip_dir), "--output_dir", str(tmp_path / "b")]))

@@ -1,5 +1,6 @@
-"""CLIPErase: the loss modules as separate pieces, the training script through `accelerate launch`, resume, and
-the refusals that must come before any model loads."""
+"""CLIPErase: the loss modules as separate pieces, the training script through `accelerate launch`, resume, the
+refusals that must come before any model loads, SDXL's two encoders, DDP across two processes, the data sources, and
+that the exported patch is exactly what was trained."""
 
 import argparse
 import copy

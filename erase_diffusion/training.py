@@ -234,7 +234,7 @@ def all_patch_layers(students: dict, towers: list[TextTower], args) -> tuple[dic
 def adopt_encoder(student, encoder, what: str, tolerance: float = 1e-2) -> float:
     """Make the CLIP's text tower exactly the pipeline's text encoder and return their largest relative difference.
 
-    Pipelines often ship their encoder rounded to fp16 (SDXL's checkpoints do) while the CLIP on the Hub keeps fp32,
+    Pipelines often ship their encoder rounded to fp16 (SDXL's original checkpoint is fp16) while the Hub CLIP is fp32,
     so bit equality is too strict; a relative difference above ``tolerance`` (fp16 / bf16 rounding stays far below)
     means another model and is refused. The patch is then trained on, and fingerprinted as, the pipeline's weights.
     """

@@ -111,24 +111,22 @@ def prompt_sets(spec: ConceptSpec, miniworld: bool, seed: int = 0, n: int = 256)
     """Text-only prompts for the token-level terms: ``forget`` (naming an erased concept, paraphrases included),
     ``anchor`` (the same prompts with the concept replaced by the anchor) and ``retain`` (everything else)."""
     rng = random.Random(seed)
-    if miniworld:
-        slots = {c: miniworld_attribute(c)[0] for c in spec.erase}
-        forget, anchor, retain = [], [], []
-        for _ in range(n):
+    forget, anchor = [], []
+    for _ in range(n):
+        if miniworld:
             concept = rng.choice(spec.erase)
             word = rng.choice(spec.words(concept))
-            text = _miniworld_prompt(rng, slots[concept], word, spec)
-            forget.append(text)
-            anchor.append(_replace(text, word, spec.anchor or ""))
-        for _ in range(n):
-            retain.append(_miniworld_prompt(rng, None, None, spec))
-        retain[:: 4] = [""] * len(retain[::4])  # the empty prompt: classifier-free guidance reads it every step
-        return {"forget": forget, "anchor": anchor, "retain": retain}
-    words = spec.all_erase_words()
-    forget = [rng.choice(GENERIC_TEMPLATES).format(rng.choice(words)) for _ in range(n)]
-    anchor = [_replace(t, w, spec.anchor or "") for t in forget for w in words if w in t][: len(forget)]
-    keep = spec.keep or ["photo", "landscape", "person", "dog", "car", "house"]
-    retain = [rng.choice(GENERIC_TEMPLATES).format(rng.choice(keep)) for _ in range(n)]
+            text = _miniworld_prompt(rng, miniworld_attribute(concept)[0], word, spec)
+        else:
+            template, word = rng.choice(GENERIC_TEMPLATES), rng.choice(spec.all_erase_words())
+            text = template.format(word)
+        forget.append(text)
+        anchor.append(_replace(text, word, spec.anchor or ""))
+    if miniworld:
+        retain = [_miniworld_prompt(rng, None, None, spec) for _ in range(n)]
+    else:
+        keep = spec.keep or ["photo", "landscape", "person", "dog", "car", "house"]
+        retain = [rng.choice(GENERIC_TEMPLATES).format(rng.choice(keep)) for _ in range(n)]
     retain[::4] = [""] * len(retain[::4])  # the empty prompt: classifier-free guidance reads it every step
     return {"forget": forget, "anchor": anchor, "retain": retain}
 

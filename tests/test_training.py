@@ -347,3 +347,15 @@ def test_clip_rounded_to_fp16_is_adopted_and_another_clip_refused(tmp_path):
     clip.save_pretrained(clip_dir)
     with pytest.raises(ValueError, match="so this CLIP is another model"):
         train(parse_args([*common, "--clip_model_name_or_path", str(clip_dir), "--output_dir", str(tmp_path / "b")]))
+
+
+def test_generic_anchor_prompts_stay_paired_with_their_forget_prompts():
+    """A paraphrase that contains another erase word ("apple pie" ⊃ "apple") must still give one anchor per prompt."""
+    from erase_diffusion.concepts import ConceptSpec
+    from erase_diffusion.data import prompt_sets
+
+    sets = prompt_sets(ConceptSpec(["apple"], {"apple": ["apple pie"]}, ["pear"], "fruit"), miniworld=False)
+    assert len(sets["anchor"]) == len(sets["forget"])
+    for f, a in zip(sets["forget"], sets["anchor"]):
+        assert "fruit" in a and "apple" not in a
+        assert a == " ".join(f.replace("apple pie" if "apple pie" in f else "apple", "fruit").split())

@@ -44,12 +44,10 @@ def main():
     t = time.time()
     images = generate(pipe, [c.prompt for c in cases], steps=args.steps, guidance=args.guidance)
     res["generation"] = judge_generations(judge, images, cases)
-    res["generation"].pop("judged_shapes")
     res["generation"].update(steps=args.steps, guidance=args.guidance, batch_seconds=time.time() - t)
     para = eval_prompts(per_pair=1, paraphrase=True)
     res["generation_paraphrase"] = judge_generations(judge, generate(pipe, [c.prompt for c in para], steps=args.steps,
                                                                      guidance=args.guidance), para)
-    res["generation_paraphrase"].pop("judged_shapes")
 
     latency = []
     for i in range(7):

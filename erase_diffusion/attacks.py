@@ -24,11 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    def tqdm(x, **_):
-        return x
+from tqdm.auto import tqdm
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -40,14 +40,9 @@ import torch.nn.functional as F
 from . import attacks
 from .atomic import write_atomic, write_json
 from .concepts import ConceptSpec, miniworld_attribute, miniworld_spec
-from .measure import PromptCase, classes, eval_prompts, features, grid_array, held_out_dataset, zero_shot_accuracy
+from .measure import (PromptCase, classes, eval_prompts, features, generate, grid_array, held_out_dataset,
+                      image_embeddings, text_embeddings, zero_shot_accuracy)
 from .miniworld import domain
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    def tqdm(x, **_):
-        return x
 
 SIZES = {  # quick: CI / smoke; full: the README figures
     True: dict(named=8, para=4, retained=16, misspell=4, adv=2, adv_candidates=16, adv_positions=2, soft=4,
@@ -93,23 +88,6 @@ def found_mask(labels: dict, targets: list[tuple[str, str]]) -> torch.Tensor:
     for attribute, value in targets:
         found |= labels[attribute] == classes(attribute).index(value)
     return found
-
-
-# ------------------------------------------------------------------------------------------------ generation
-@torch.no_grad()
-def generate(pipe, prompts=None, *, prompt_embeds=None, seed=0, steps=20, guidance=7.5, batch_size=32,
-             desc="generate", progress=True) -> torch.Tensor:
-    """Like ``measure.generate`` (prompt i always uses seed ``seed + i``), with a progress bar and an embeds path."""
-    n = len(prompts) if prompts is not None else len(prompt_embeds)
-    out = []
-    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        j = min(n, i + batch_size)
-        gens = [torch.Generator().manual_seed(seed + k) for k in range(i, j)]
-        kw = {"prompt": prompts[i:j]} if prompts is not None else {"prompt_embeds": prompt_embeds[i:j]}
-        images = pipe(**kw, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      output_type="pt").images
-        out.append(images * 2 - 1)
-    return torch.cat(out).float().cpu()
 
 
 class JudgeFeatures(torch.nn.Module):
@@ -263,26 +241,21 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
     if clip is not None:
         (c0, tok), (c1, _) = clip, erased_clip
         zs = {}
+        full = held_out_dataset()
         for attribute in sorted({a for a, _ in targets}):
             gone = [v for a, v in targets if a == attribute]
             kept = [c for c in classes(attribute) if c not in gone]
-            full = held_out_dataset()
             for tag, model in (("before", c0), ("after", c1)):
                 acc = zero_shot_accuracy(model, tok, full, attribute)
                 zs[f"{attribute}_forget_{tag}"] = sum(acc[c] for c in gone) / len(gone)
                 zs[f"{attribute}_retain_{tag}"] = sum(acc[c] for c in kept) / len(kept)
         m["zeroshot"] = zs
-        forget_q = torch.nonzero(found_mask({"shape": data.shape, "colour": data.colour, "style": data.style},
-                                            targets)).flatten()
-        retain_q = torch.tensor([i for i in range(len(data)) if i not in set(forget_q.tolist())])
-        from .measure import text_embeddings
-
+        forget = found_mask({"shape": data.shape, "colour": data.colour, "style": data.style}, targets)
+        forget_q, retain_q = forget.nonzero().flatten(), (~forget).nonzero().flatten()
         ret = {}
+        pixels = data.float_images()
         for tag, model in (("before", c0), ("after", c1)):
-            with torch.no_grad():
-                T = text_embeddings(model, tok, data.captions)
-                I = torch.cat([features(model.get_image_features(pixel_values=data.float_images(slice(i, i + 256))))
-                               for i in range(0, len(data), 256)])
+            T, I = text_embeddings(model, tok, data.captions), image_embeddings(model, pixels)
             ret[f"forget_{tag}"] = retrieval_recall(T, I, forget_q)
             ret[f"retain_{tag}"] = retrieval_recall(T, I, retain_q)
         m["retrieval"] = ret

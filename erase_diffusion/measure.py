@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .miniworld import domain
 
@@ -42,6 +43,13 @@ def features(output) -> torch.Tensor:
 
 
 @torch.no_grad()
+def image_embeddings(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """CLIP's projected image features of ``pixels`` (N, 3, H, W), in batches on the model's device."""
+    return torch.cat([features(model.get_image_features(pixel_values=pixels[i : i + batch_size].to(model.device)))
+                      for i in range(0, len(pixels), batch_size)])
+
+
+@torch.no_grad()
 def text_embeddings(model, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch_size):
@@ -57,10 +65,7 @@ def zero_shot_accuracy(model, tokenizer, data: domain.Dataset, attribute: str = 
     class_emb = torch.stack(
         [F.normalize(text_embeddings(model, tokenizer, class_prompts(attribute, c)).mean(0), dim=-1) for c in names]
     )
-    img = torch.cat(
-        [F.normalize(features(model.get_image_features(pixel_values=data.float_images(slice(i, i + 256)).to(model.device))), dim=-1)
-         for i in range(0, len(data), 256)]
-    )
+    img = F.normalize(image_embeddings(model, data.float_images()), dim=-1)
     pred = (img @ class_emb.T).argmax(-1).cpu()
     truth = getattr(data, attribute)
     acc = {c: (pred[truth == k] == k).float().mean().item() for k, c in enumerate(names)}
@@ -97,22 +102,27 @@ def eval_prompts(shapes=domain.SHAPES, per_pair: int = 4, seed: int = 0, paraphr
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance: float = 7.5,
-             batch_size: int = 64, **kwargs) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1]; prompt i always uses seed ``seed + i``, whatever the batching."""
+def generate(pipe, prompts: list[str] | None = None, *, prompt_embeds: torch.Tensor | None = None, seed: int = 0,
+             steps: int = 20, guidance: float = 7.5, batch_size: int = 64, desc: str = "generate",
+             progress: bool = False) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] from prompts or prompt embeddings; prompt i always uses seed ``seed + i``,
+    whatever the batching."""
+    n = len(prompts) if prompts is not None else len(prompt_embeds)
     out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                      output_type="pt", **kwargs).images
+    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        j = min(n, i + batch_size)
+        gens = [torch.Generator().manual_seed(seed + k) for k in range(i, j)]
+        kw = {"prompt": prompts[i:j]} if prompts is not None else {"prompt_embeds": prompt_embeds[i:j]}
+        images = pipe(**kw, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                      output_type="pt").images
         out.append(images * 2 - 1)
     return torch.cat(out).float().cpu()
 
 
-def judge_generations(judge, images: torch.Tensor, cases: list[PromptCase]) -> dict:
-    """Share of generations whose judged shape / colour / style equals the prompted one (style where named)."""
-    labels = judge.label(images)
+def judge_generations(judge, images: torch.Tensor, cases: list[PromptCase], labels: dict | None = None) -> dict:
+    """Share of generations whose judged shape / colour / style equals the prompted one (style where named).
+    ``labels``: the judge's labels of ``images`` when the caller already has them."""
+    labels = judge.label(images) if labels is None else labels
     shapes = [domain.SHAPES[k] for k in labels["shape"].tolist()]
     colours = [list(domain.COLOURS)[k] for k in labels["colour"].tolist()]
     styles = [domain.STYLES[k] for k in labels["style"].tolist()]
@@ -123,7 +133,6 @@ def judge_generations(judge, images: torch.Tensor, cases: list[PromptCase]) -> d
         "colour": sum(col == c.colour for col, c in zip(colours, cases)) / len(cases),
         "style": sum(styles[i] == cases[i].style for i in styled) / max(1, len(styled)),
         "shape_per_class": {},
-        "judged_shapes": shapes,
     }
     for s in sorted({c.shape for c in cases}):
         idx = [i for i, c in enumerate(cases) if c.shape == s]
@@ -180,13 +189,8 @@ def cli_main(args) -> int:
     print(f"wrote {save_grid(images, args.output)}")
     if cases is not None and args.pretrained_model_name_or_path == "miniworld":
         verdict = judge_generations(load_judge(), images, cases)
-        verdict.pop("judged_shapes")
         print(json.dumps(verdict, indent=2))
     return 0
-
-
-def as_dict(case: PromptCase) -> dict:
-    return asdict(case)
 
 
 def erased_cases(spec, per_pair: int = 2, seed: int = 1) -> tuple[list[PromptCase], list[PromptCase]]:
@@ -247,7 +251,7 @@ def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 2
                 continue
             images = generate(pipe, [c.prompt for c in cases], seed=seed, steps=steps)
             labels = judge.label(images)
-            verdict = judge_generations(judge, images, cases)
+            verdict = judge_generations(judge, images, cases, labels)
             if name == "retained":
                 out[f"retained_shape_{tag}"] = verdict["shape"]
                 out[f"retained_colour_{tag}"] = verdict["colour"]

@@ -30,7 +30,7 @@ from transformers import CLIPImageProcessor
 from . import cliperase, data as pair_data
 from .atomic import write_json
 from .concepts import ConceptSpec, miniworld_spec
-from .measure import features
+from .measure import features, image_embeddings
 from .models import load_clip, load_pipeline, resolve
 
 logger = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def train(args) -> dict:
         processor = None if miniworld else CLIPImageProcessor.from_pretrained(resolve(name, "clip"))
         f_pix, r_pix = forget.pixels(processor), retain.pixels(processor)
         with original(students[tower.name].to(accelerator.device), tower) as ref:
-            tower.forget_img, tower.retain_img = (image_embeddings(ref, x, accelerator.device) for x in (f_pix, r_pix))
+            tower.forget_img, tower.retain_img = image_embeddings(ref, f_pix), image_embeddings(ref, r_pix)
         if args.train_vision_tower:
             tower.forget_pixels, tower.retain_pixels = f_pix, r_pix
     logger.info("forget pairs %d, retain pairs %d", len(forget.captions), len(retain.captions))
@@ -484,12 +484,6 @@ def train(args) -> dict:
         write_json(output_dir / "metrics.json", metrics)
     accelerator.end_training()
     return metrics
-
-
-@torch.no_grad()
-def image_embeddings(clip, pixels: torch.Tensor, device, batch: int = 256) -> torch.Tensor:
-    return torch.cat([features(clip.get_image_features(pixel_values=pixels[i : i + batch].to(device)))
-                      for i in range(0, len(pixels), batch)])
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:

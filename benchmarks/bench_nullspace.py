@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from erase_diffusion import measure, nullspace as ns  # noqa: E402
+from erase_diffusion.atomic import write_json  # noqa: E402
 from erase_diffusion.concepts import miniworld_spec  # noqa: E402
 from erase_diffusion.miniworld import domain  # noqa: E402
 from erase_diffusion.models import load_clip, load_pipeline  # noqa: E402
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         out["miniworld"] = f"missing: {err}"
         out["clip_l"] = time_clip_l(tokenizer())
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "nullspace.json").write_text(json.dumps(out, indent=2))
+        write_json(RESULTS / "nullspace.json", out)
         print(json.dumps(out, indent=2))
         return 1
 
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
         out["clip_l"] = time_clip_l(pipe.tokenizer)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "nullspace.json").write_text(json.dumps(out, indent=2))
+    write_json(RESULTS / "nullspace.json", out)
     plot(out)
     table(out)
     return 0

@@ -9,7 +9,6 @@ on q/k/v/out of every layer. Prints a table and writes benchmarks/results/patch_
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from erase_diffusion.atomic import write_json
 from erase_diffusion.patch import LoraFactors, describe_patch, fingerprint, load_patch, save_patch
 
 FULL_ENCODER_BYTES = 0.49e9  # AdvUnlearn ships a whole fp32 CLIP-L text encoder (~0.49 GB)
@@ -83,7 +83,7 @@ def main() -> None:
     print(f"fingerprint {fp}: {min(times) * 1000:.1f} ms (best of 3)")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(f"wrote {out}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .atomic import write_atomic
 from .patch import describe_patch
 
 SCOPE = (
@@ -59,14 +60,6 @@ pipe.set_adapters("erase", adapter_weights=1.0)  # strength; disable_lora() for 
 """
     card = ModelCard(content)
     out = Path(output) if output else Path(patch_path).with_suffix(".md")
-    card.save(out)
+    write_atomic(out, str(card))
     return out
 
-
-def push_to_hub(folder, repo_id: str, token: str | None = None, private: bool = False) -> str:
-    """Upload a folder (patch + card) the way diffusers' examples do; returns the repo URL. Needs the network."""
-    from huggingface_hub import create_repo, upload_folder
-
-    repo = create_repo(repo_id, exist_ok=True, token=token, private=private).repo_id
-    upload_folder(repo_id=repo, folder_path=str(folder), token=token, commit_message="Upload erase-diffusion patch")
-    return f"https://huggingface.co/{repo}"

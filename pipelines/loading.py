@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from erase_diffusion.atomic import atomic_dir
 from erase_diffusion.patch import TEXT_ENCODERS, Patch, PatchError, fingerprint, load_patch
 
 
@@ -223,18 +222,10 @@ def bake(model: str, patches, strengths=1.0, output_dir=None, force: bool = Fals
         raise ValueError(f"output_dir {output_dir} already exists and is not empty")
     pipe = load_pipeline(model)
     names = load_patches(pipe, patches, strengths, force=force)
-    pipe.fuse_lora(components=text_encoder_components(pipe), lora_scale=1.0, adapter_names=names)
-    pipe.unload_lora_weights()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    fuse(pipe, names)
+    unload(pipe)
+    with atomic_dir(output_dir) as tmp:
         pipe.save_pretrained(tmp)
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return output_dir
 
 

@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTokenizer
 from tqdm.auto import tqdm
 
-from ..atomic import write_json
+from ..atomic import atomic_dir, write_json
 from . import domain
 from .judge import Judge
 from .tokenizer import write_tokenizer
@@ -39,29 +39,6 @@ from .tokenizer import write_tokenizer
 LOCKED_TEXT_CYCLES = 2
 DEFAULT_OUTPUT = Path(__file__).parent / "weights"
 STEPS = {"judge": 800, "clip": 1500, "clip_locked_text": 1500, "vae": 700, "pipeline": 4000}
-
-
-def _atomic_dir(final: Path):
-    """Context manager: yields a temp folder beside ``final`` and renames it over ``final`` on success."""
-
-    class _Ctx:
-        def __enter__(self):
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, *_):
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return False
-            old = final.with_name(f".{final.name}-old")
-            if final.exists():
-                final.rename(old)
-            self.tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-            return False
-
-    return _Ctx()
 
 
 def _cosine_lr(opt, steps: int, warmup: int):
@@ -251,7 +228,7 @@ def build(output: Path = DEFAULT_OUTPUT, seed: int = 0, force: bool = False, n_i
             print(f"[build] {name}: already built, skipping ({final})")
             return
         start = time.time()
-        with _atomic_dir(final) as tmp:
+        with atomic_dir(final) as tmp:
             info = fn(tmp)
         record[name] = {"seconds": round(time.time() - start, 1), "steps": STEPS.get(name), **info}
         write_json(record_path, {**record, "seed": seed, "n_images": n_images})

@@ -97,7 +97,7 @@ def cliperase_step(texts: list[dict], tok, batch: int, gradient_checkpointing: b
         make_trainable(student, args)
         g = torch.Generator().manual_seed(1)
         dim = text["projection_dim"]
-        towers.append(TextTower(name, tok, "", layer=-2 if sdxl else -1, pooled=name == "text_encoder_2",
+        towers.append(TextTower(name, "random", tok, "", layer=-2 if sdxl else -1, pooled=name == "text_encoder_2",
                                 forget_img=torch.randn(64, dim, generator=g), retain_img=torch.randn(64, dim, generator=g)))
         students[name] = student
     model = EraseObjective(students, towers, LossWeights(), "dot")

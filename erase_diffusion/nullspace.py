@@ -67,7 +67,7 @@ from pathlib import Path
 
 import torch
 
-from .patch import clip_core
+from .patch import LoraFactors, clip_core, factors_from_delta, fingerprint, save_patch
 
 # Generic prompt templates for real models; the miniature world uses its own caption templates and fillers.
 GENERIC_TEMPLATES = (
@@ -526,13 +526,11 @@ def apply_projection(clip_model, D: torch.Tensor, strength: float = 1.0) -> None
 
 # -------------------------------------------------------------------------------------------------------------- API
 def _pipeline_layers(pipe, edits: dict, rank: int | None, rtol: float):
-    from .patch import LoraFactors, factors_from_delta
-
-    layers, residuals = {}, {}
+    layers = {}
     for comp, edit in edits.items():
         te = getattr(pipe, comp)
         factors, residual = factors_from_delta(edit.delta, rank=rank, rtol=rtol)
-        r = factors.A.shape[0]
+        r = factors.rank
         prefix = f"text_model.encoder.layers.{edit.layer}"
         out_proj = clip_core(te).encoder.layers[edit.layer].self_attn.out_proj
         layers[comp] = {
@@ -541,9 +539,8 @@ def _pipeline_layers(pipe, edits: dict, rank: int | None, rtol: float):
             f"{prefix}.self_attn.out_proj": LoraFactors(torch.zeros(r, out_proj.in_features),
                                                         torch.zeros(out_proj.out_features, r)),
         }
-        residuals[comp] = float(residual) if not isinstance(residual, torch.Tensor) else float(residual.max())
         edit.stats["lora_rank"] = r
-        edit.stats["factor_residual"] = residuals[comp]
+        edit.stats["factor_residual"] = residual
     return layers
 
 
@@ -590,8 +587,6 @@ def erase(
     ``templates``: prompt templates with one ``{}`` slot (default: generic ones, or the miniature world's captions).
     ``pipe`` / ``clip``: already-loaded models (``clip`` = (CLIPModel, tokenizer)) to skip loading.
     """
-    from .patch import fingerprint, save_patch
-
     if target not in ("pipeline", "clip"):
         raise ValueError(f"target must be 'pipeline' or 'clip', not {target!r}")
     if not 0.0 <= float(strength) <= 1.0 or math.isnan(float(strength)):
@@ -627,7 +622,6 @@ def erase(
 
         clip_model, tokenizer = clip or load_clip(model)
         D, stats = clip_projection(clip_model, tokenizer, concepts, protect, synonyms=syn, prompts=prompts)
-        from .patch import factors_from_delta
 
         W = clip_model.visual_projection.weight.detach().float().cpu()
         factors, _ = factors_from_delta(-strength * D @ W, rank=rank or stats["rank"], rtol=1e-6)

@@ -474,10 +474,11 @@ def apply_to_clip(model, patch, strength: float = 1.0, *, force: bool = False) -
     if not force:
         expected = patch.metadata.get("fingerprints", {})
         want = expected.get("text_encoder") or expected.get("clip")
-        if want and fingerprint(model) != want:
+        have = fingerprint(model) if want else None
+        if want and have != want:
             raise PatchError(
                 f"patch {patch.path.name} was made for a text encoder with fingerprint {want}, this CLIPModel's text "
-                f"tower has {fingerprint(model)} (pass force=True to apply anyway)"
+                f"tower has {have} (pass force=True to apply anyway)"
             )
     modules = dict(model.named_modules())
     plan = []

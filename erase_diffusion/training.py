@@ -68,6 +68,7 @@ class TextTower:
     """
 
     name: str  # patch component: "text_encoder" or "text_encoder_2"
+    clip: str  # the CLIP model it belongs to (name, folder or Hub id)
     tokenizer: object
     fingerprint: str  # of the original text tower, recorded in the patch
     teacher: torch.nn.Module | None = None  # frozen copy of the original, needed only by full fine-tuning
@@ -290,8 +291,9 @@ def load_towers(args, accelerator) -> tuple[list[TextTower], dict, object]:
                                        "--clip_model_name_or_path)")
             tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
         teacher = copy.deepcopy(student).requires_grad_(False).eval().to(accelerator.device) if args.full_finetune else None
-        towers.append(TextTower(component, tokenizer, fingerprint(student.text_model), teacher, layer=-2 if sdxl else -1,
-                                pooled=component == "text_encoder_2", clip_difference=difference))
+        towers.append(TextTower(component, clip_name, tokenizer, fingerprint(student.text_model), teacher,
+                                layer=-2 if sdxl else -1, pooled=component == "text_encoder_2",
+                                clip_difference=difference))
         students[component] = student
     return towers, students, pipe
 
@@ -357,8 +359,8 @@ def train(args) -> dict:
         pairs = pair_data.from_pipeline(pipe, spec)
     forget, retain = pairs.split()
     prompts = pair_data.prompt_sets(spec, miniworld, seed=args.seed)
-    for tower, name in zip(towers, args.clip_model_name_or_path or [args.pretrained_model_name_or_path]):
-        processor = None if miniworld else CLIPImageProcessor.from_pretrained(resolve(name, "clip"))
+    for tower in towers:
+        processor = None if miniworld else CLIPImageProcessor.from_pretrained(resolve(tower.clip, "clip"))
         f_pix, r_pix = forget.pixels(processor), retain.pixels(processor)
         with original(students[tower.name].to(accelerator.device), tower) as ref:
             tower.forget_img, tower.retain_img = image_embeddings(ref, f_pix), image_embeddings(ref, r_pix)
@@ -398,8 +400,8 @@ def train(args) -> dict:
 
     global_step = 0
     if args.resume_from_checkpoint:
-        path = (sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1:]
-                if args.resume_from_checkpoint == "latest" else [Path(args.resume_from_checkpoint)])
+        path = (checkpoints(output_dir)[-1:] if args.resume_from_checkpoint == "latest"
+                else [Path(args.resume_from_checkpoint)])
         if not path or not path[0].exists():
             raise ValueError(f"no checkpoint to resume from in {output_dir}" if args.resume_from_checkpoint == "latest"
                              else f"checkpoint {args.resume_from_checkpoint} does not exist")
@@ -486,10 +488,15 @@ def train(args) -> dict:
     return metrics
 
 
+def checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-<step>`` folders, oldest first."""
+    return sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
     if not limit:
         return
-    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = checkpoints(output_dir)
     for old in ckpts[: max(0, len(ckpts) - limit + 1)]:
         shutil.rmtree(old)
 

@@ -134,7 +134,7 @@ def _randomised_students(pipe, args):
                 if "lora_" in name:
                     p.copy_(torch.randn_like(p) * 0.2)
         students[component] = clip
-        towers.append(TextTower(component, None, tower_fingerprint, teacher))
+        towers.append(TextTower(component, "tiny", None, tower_fingerprint, teacher))
     return students, towers
 
 

@@ -172,11 +172,20 @@ def _check_module_name(component: str, module: str, dense: bool = False) -> None
             )
 
 
+def _common_rank(ranks: list[int]) -> int:
+    """The most frequent rank (the smaller one on a tie)."""
+    return max(set(ranks), key=lambda v: (ranks.count(v), -v))
+
+
+def _has_attention(modules) -> bool:
+    """diffusers only recognises a text-encoder LoRA that names at least one attention projection."""
+    return any(m.rsplit(".", 1)[-1] in ATTENTION_TARGETS for m in modules)
+
+
 def _lora_config(component: str, mods: dict[str, LoraFactors]) -> dict:
     """diffusers' per-component LoraConfig fields: alpha == r everywhere, mixed ranks via rank/alpha_pattern."""
     ranks = {_peft_name(component, m): f.rank for m, f in mods.items()}
-    values = sorted(ranks.values())
-    r = max(set(values), key=lambda v: (values.count(v), -v))
+    r = _common_rank(list(ranks.values()))
     pattern = {m: k for m, k in ranks.items() if k != r}
     return {
         "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
@@ -240,7 +249,7 @@ def save_patch(
                 raise PatchError(f"{component}.{module} is both in layers and in full")
             tensors[f"{component}.{module}.delta"] = d.detach().cpu().contiguous()
     for component in TEXT_ENCODERS:
-        if component in layers and not any(m.rsplit(".", 1)[-1] in ATTENTION_TARGETS for m in layers[component]):
+        if component in layers and not _has_attention(layers[component]):
             raise PatchError(
                 f"{component}: an MLP-only LoRA does not load in diffusers; include at least one attention projection"
             )
@@ -378,7 +387,7 @@ def load_patch(path) -> Patch:
     if not layers and not full:
         raise PatchError(f"{path} holds no modules")
     for component, mods in layers.items():
-        if component in TEXT_ENCODERS and not any(m.rsplit(".", 1)[-1] in ATTENTION_TARGETS for m in mods):
+        if component in TEXT_ENCODERS and not _has_attention(mods):
             raise PatchError(f"{path}: {component} LoRA is MLP-only, which diffusers cannot load")
     ranks = metadata.get("ranks") or {}
     for component, mods in layers.items():
@@ -436,8 +445,7 @@ def export_kohya(src, dst) -> Path:
     names = KOHYA_PREFIX["sdxl" if "text_encoder_2" in patch.layers else "sd"]
     # One alpha for the whole file: diffusers 0.42's kohya path builds a wrong text-encoder alpha_pattern when alphas
     # differ (it drops the module name), so mixed ranks keep alpha = the most common rank and fold alpha / r into B.
-    ranks = sorted(f.rank for mods in patch.layers.values() for f in mods.values())
-    alpha = max(set(ranks), key=lambda v: (ranks.count(v), -v))
+    alpha = _common_rank([f.rank for mods in patch.layers.values() for f in mods.values()])
     tensors = {}
     for component, mods in patch.layers.items():
         for module, f in mods.items():

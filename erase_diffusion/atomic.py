@@ -11,6 +11,25 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_like_open(path, directory: bool = False) -> None:
+    """mkstemp / mkdtemp create 0600 / 0700 whatever the umask; give the file the mode ``open()`` would (0666 or 0777
+    minus the umask), so a shared model folder can read what was written."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextmanager
 def atomic_path(path, suffix: str = ".tmp"):
     """Yield a temp path in ``path``'s folder to write to; it replaces ``path`` when the block ends without error.
@@ -21,6 +40,7 @@ def atomic_path(path, suffix: str = ".tmp"):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
+        _chmod_like_open(tmp)
         yield Path(tmp)
         os.replace(tmp, path)
     finally:
@@ -36,6 +56,7 @@ def atomic_dir(final):
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
+        _chmod_like_open(tmp, directory=True)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,3 +39,23 @@ def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
         (tmp / "c.txt").write_text("2")
     assert [p.name for p in final.iterdir()] == ["c.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+
+
+def test_written_files_and_folders_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from erase_diffusion.atomic import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {})
+        with atomic_dir(tmp_path / "pipe") as tmp:
+            (tmp / "x").write_text("1")
+        os.umask(0o007)
+        write_json(tmp_path / "g.json", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644  # mkstemp alone gives 0600
+    assert stat.S_IMODE((tmp_path / "pipe").stat().st_mode) == 0o755  # mkdtemp alone gives 0700
+    assert stat.S_IMODE((tmp_path / "g.json").stat().st_mode) == 0o660

@@ -15,8 +15,10 @@ and pick the text-encoder components for ``fuse_lora``/``unfuse_lora`` (diffuser
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -123,13 +125,77 @@ def _lora_state_dict(patch: Patch, components: list[str]) -> dict[str, torch.Ten
     return sd
 
 
+def _lora_components(pipe) -> dict[str, torch.nn.Module]:
+    return {c: m for c in getattr(pipe, "_lora_loadable_modules", [])
+            if isinstance(m := getattr(pipe, c, None), torch.nn.Module)}
+
+
+def _snapshot(pipe) -> dict:
+    """What ``_restore`` needs to undo a half-done load: per component its module objects, its tensors (references,
+    not copies: loading adds wrappers and adapter weights but never writes into the base weights), the adapter state
+    of every peft layer and the peft bookkeeping."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    snap = {}
+    for c, model in _lora_components(pipe).items():
+        modules = dict(model.named_modules())
+        snap[c] = {
+            "modules": modules,
+            "tensors": model.state_dict(keep_vars=True),
+            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "layers": {n: (copy.copy(m._active_adapter), m._disable_adapters) for n, m in modules.items()
+                       if isinstance(m, BaseTunerLayer)},
+            "peft_config": dict(model.peft_config) if hasattr(model, "peft_config") else None,
+            "loaded": getattr(model, "_hf_peft_config_loaded", None),
+        }
+    return snap
+
+
+def _restore(pipe, snap: dict) -> None:
+    """Put every component back as ``_snapshot`` saw it: new peft wrappers replaced by the original modules, adapters
+    added to existing wrappers deleted, the old active adapters and peft config back. Checks the result is the very
+    same tensors under the same names (raises RuntimeError otherwise: the pipeline must not be used)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for c, model in _lora_components(pipe).items():
+        s = snap.get(c)
+        if s is None:
+            continue
+        for name in sorted((n for n in s["modules"] if n), key=lambda n: n.count(".")):  # parents first
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if parent._modules.get(child) is not s["modules"][name]:
+                parent._modules[child] = s["modules"][name]
+        for name, (active, disabled) in s["layers"].items():
+            layer = s["modules"][name]
+            known = set((s["peft_config"] or {}).keys())
+            with warnings.catch_warnings():  # "adapter X was active which is now deleted": restored just below
+                warnings.simplefilter("ignore")
+                for adapter in set(layer._all_available_adapter_names()) - known:
+                    layer.delete_adapter(adapter)
+            layer._active_adapter, layer._disable_adapters = active, disabled
+        if s["peft_config"] is None:
+            if hasattr(model, "peft_config"):
+                del model.peft_config
+        else:
+            model.peft_config = dict(s["peft_config"])
+        if s["loaded"] is not None:
+            model._hf_peft_config_loaded = s["loaded"]
+        for n, p in model.named_parameters():
+            p.requires_grad_(s["requires_grad"].get(n, p.requires_grad))
+        now = model.state_dict(keep_vars=True)
+        if now.keys() != s["tensors"].keys() or any(now[k] is not v for k, v in s["tensors"].items()):
+            raise RuntimeError(f"could not restore the pipeline's {c} after a failed load: do not use this pipeline")
+
+
 def load_patches(pipe, patches, strengths=1.0, adapter_names=None, force: bool = False) -> list[str]:
     """Validate every patch, then load each as one diffusers adapter and activate them with their strengths.
 
     Returns the adapter names (default ``erase_<file stem>``). Exactly the adapters of this call are active afterwards
-    (adapters loaded earlier stay loaded but inactive; ``set_strengths`` re-activates any set). If anything fails, the
-    adapters loaded in this call are deleted again and the pipeline is as before. ``force`` skips the fingerprint check,
-    never the shape checks.
+    (adapters loaded earlier stay loaded but inactive; ``set_strengths`` re-activates any set). All or nothing: every
+    patch is validated (``load_patch``, ``check_patch``) before the first is loaded, and if diffusers still fails half-way
+    every wrapper and adapter this call added is removed again, leaving the text encoders exactly as before (the same
+    modules and tensors). ``force`` skips the fingerprint check, never the shape checks.
     """
     if isinstance(patches, (str, os.PathLike)):
         patches = [patches]
@@ -158,19 +224,21 @@ def load_patches(pipe, patches, strengths=1.0, adapter_names=None, force: bool =
     for patch in loaded_patches:  # ... and of their fit, before anything is loaded
         check_patch(pipe, patch, force=force)
 
-    done: list[str] = []
+    snap = _snapshot(pipe)  # all or nothing: on any failure below, every wrapper and adapter of this call goes again
     try:
         for patch, name in zip(loaded_patches, adapter_names):
             components = [c for c in patch.components if c in TEXT_ENCODERS]
-            if patch.kind == "lora" and "clip" not in patch.components:
-                pipe.load_lora_weights(str(patch.path), adapter_name=name)  # exactly what a user would call
-            else:  # full mode / CLIPModel-only modules: our loader hands diffusers an in-memory LoRA state dict
-                pipe.load_lora_weights(_lora_state_dict(patch, components), adapter_name=name)
-            done.append(name)
+            try:
+                if patch.kind == "lora" and "clip" not in patch.components:
+                    pipe.load_lora_weights(str(patch.path), adapter_name=name)  # exactly what a user would call
+                else:  # full mode / CLIPModel-only modules: our loader hands diffusers an in-memory LoRA state dict
+                    pipe.load_lora_weights(_lora_state_dict(patch, components), adapter_name=name)
+            except Exception as err:  # validated, yet diffusers / peft refused it: still the patch's fault
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise PatchError(f"patch {patch.path.name} could not be loaded by diffusers: {reason}") from err
         pipe.set_adapters(adapter_names, adapter_weights=strengths)
-    except Exception:
-        if done:
-            pipe.delete_adapters(done)
+    except BaseException:
+        _restore(pipe, snap)
         raise
     return adapter_names
 

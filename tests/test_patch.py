@@ -128,7 +128,7 @@ def test_bad_files_are_clear_errors(tmp_path):
     _rewrite(tmp_path / "delta.safetensors", dict(tensors, **{"text_encoder.text_model.encoder.layers.0.mlp.fc1.delta": torch.zeros(2, 2)}), meta)
     cases["delta.safetensors"] = "kind=full"
     (tmp_path / "dir.safetensors").mkdir()
-    cases["dir.safetensors"] = "not a file"
+    cases["dir.safetensors"] = "not a regular file"
     for name, message in cases.items():
         with pytest.raises(ValueError, match=message):
             load_patch(tmp_path / name)

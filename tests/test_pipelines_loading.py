@@ -222,6 +222,50 @@ def test_failure_mid_load_rolls_back(tmp_path, monkeypatch):
     assert load_patches(pipe, [p1, p2]) == ["erase_a", "erase_b"]  # still usable, names free again
 
 
+def state(pipe):
+    """Every text-encoder tensor by name, copied: the bit-identical comparison after a refused load."""
+    return {c: {k: v.detach().clone() for k, v in getattr(pipe, c).state_dict().items()}
+            for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None}
+
+
+def assert_same_state(before, after):
+    assert before.keys() == after.keys()
+    for c in before:
+        assert before[c].keys() == after[c].keys(), c  # no leftover lora_* tensors or base_layer renames
+        assert all(torch.equal(before[c][k], after[c][k]) for k in before[c]), c
+
+
+@pytest.mark.parametrize("earlier_adapter", [False, True])
+def test_diffusers_failing_half_way_leaves_the_encoders_bit_identical(tmp_path, monkeypatch, earlier_adapter):
+    """SDXL: text_encoder is already wrapped and loaded when loading into text_encoder_2 fails; with an adapter loaded
+    before, its wrappers must stay and keep their active adapter."""
+    pipe = sdxl_pipeline()
+    p0, p1 = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    make_patch(pipe, p0, seed=5)
+    make_patch(pipe, p1, seed=6)
+    if earlier_adapter:
+        load_patches(pipe, p0)
+    before, out_before, adapters = state(pipe), te_out(pipe), pipe.get_list_adapters()
+    real, calls = pipe.load_lora_into_text_encoder, []
+
+    def second_fails(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(kwargs.get("prefix"))
+        if len(calls) == 2:
+            raise RuntimeError("simulated peft failure in text_encoder_2")
+
+    monkeypatch.setattr(pipe, "load_lora_into_text_encoder", second_fails)
+    with pytest.raises(PatchError, match="could not be loaded by diffusers: simulated"):
+        load_patches(pipe, p1)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert_same_state(before, state(pipe))
+    assert maxdiff(te_out(pipe), out_before) == 0.0 and pipe.get_list_adapters() == adapters
+    # still usable: the same patch loads afterwards and gives its B @ A
+    load_patches(pipe, p1, adapter_names=["again"])
+    assert pipe.get_list_adapters()["text_encoder_2"][-1] == "again"
+
+
 def test_bake_and_cli(tmp_path):
     pipe = sd_pipeline()
     pipe.save_pretrained(tmp_path / "base")

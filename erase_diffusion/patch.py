@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -655,11 +656,19 @@ def apply_to_clip(model, patch, strength: float = 1.0, *, force: bool = False) -
         patch = load_patch(patch)
     if "text_encoder_2" in patch.components:
         raise PatchError("this patch changes text_encoder_2 (SDXL), which a CLIPModel does not have")
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise PatchError(f"strength must be a number, got {strength!r}") from None
+    if not math.isfinite(strength):
+        raise PatchError(f"strength must be finite, got {strength}")
     if not force:
         expected = patch.metadata.get("fingerprints", {})
         want = expected.get("text_encoder") or expected.get("clip")
-        have = fingerprint(model) if want else None
-        if want and have != want:
+        if want is None:  # as load_patches: a patch that does not say what it was made for needs force
+            raise PatchError(f"patch {patch.path.name} records no fingerprint; pass force=True to apply it anyway")
+        have = fingerprint(model)
+        if have != want:
             raise PatchError(
                 f"patch {patch.path.name} was made for a text encoder with fingerprint {want}, this CLIPModel's text "
                 f"tower has {have} (pass force=True to apply anyway)"

@@ -323,7 +323,7 @@ class EraseApp:
                 write_atomic(dest, data)
                 try:
                     self.adapter_for(name)  # it must also fit this model (shapes, fingerprint)
-                except gr.Error:
+                except BaseException:  # whatever failed, a file that cannot be used must not stay listed
                     dest.unlink(missing_ok=True)
                     raise
         return self._picker(selected, add=name), f"added patch `{name}`"

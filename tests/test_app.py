@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,28 @@ def test_bad_requests_are_refused(app):
         run(app, patches=["other.safetensors", "other.safetensors"])
 
 
+def _split(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata())
+
+
+def test_upload_that_fails_to_load_is_not_kept(app, tmp_path, monkeypatch):
+    """An error of any type while loading the upload (not only PatchError) removes the copied file again."""
+    import erase_diffusion.pipelines.loading as loading
+
+    before = sorted(p.name for p in app.patch_dir.iterdir())
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure inside diffusers")
+
+    monkeypatch.setattr(loading, "load_patches", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        app.upload(str(write_patch(app.pipe, tmp_path / "fresh.safetensors", seed=9)), [])
+    assert sorted(p.name for p in app.patch_dir.iterdir()) == before
+
+
 def test_bad_uploads_are_refused(app, tmp_path):
     before = sorted(p.name for p in app.patch_dir.iterdir())
     pickled = tmp_path / "evil.safetensors"
@@ -169,7 +192,12 @@ def test_bad_uploads_are_refused(app, tmp_path):
     save_file({"text_encoder.a.lora_A.weight": torch.zeros(2, 2)}, plain_lora)
     wrong_suffix = tmp_path / "patch.bin"
     wrong_suffix.write_bytes(b"\x80\x04K\x01.")
-    for f in (pickled, garbage, plain_lora, wrong_suffix, None):
+    alpha_zero = tmp_path / "alpha0.safetensors"  # a one-field header edit that would switch the erasure off
+    tensors, meta = _split(write_patch(app.pipe, tmp_path / "ok.safetensors", seed=5))
+    adapter = json.loads(meta["lora_adapter_metadata"])
+    adapter["text_encoder.lora_alpha"] = 0
+    save_file(tensors, alpha_zero, metadata={**meta, "lora_adapter_metadata": json.dumps(adapter)})
+    for f in (pickled, garbage, plain_lora, wrong_suffix, alpha_zero, None):
         with pytest.raises(gr.Error):
             app.upload(None if f is None else str(f), [])
     # a valid patch for another architecture is refused too, after validation, and not left in the folder

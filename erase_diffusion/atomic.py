@@ -25,9 +25,19 @@ def _umask() -> int:
 
 
 def _chmod_like_open(path, directory: bool = False) -> None:
-    """mkstemp / mkdtemp create 0600 / 0700 whatever the umask; give the file the mode ``open()`` would (0666 or 0777
-    minus the umask), so a shared model folder can read what was written."""
+    """mkstemp / mkdtemp (and safetensors' save_file) create 0600 / 0700 whatever the umask; give the file the mode
+    ``open()`` would (0666 or 0777 minus the umask), so a shared model folder can read what was written."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def chmod_tree(folder) -> None:
+    """``_chmod_like_open`` for a folder we just filled, and everything in it (links are left alone)."""
+    _chmod_like_open(folder, directory=True)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                _chmod_like_open(p, directory=name in dirs)
 
 
 @contextmanager
@@ -40,8 +50,8 @@ def atomic_path(path, suffix: str = ".tmp"):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        _chmod_like_open(tmp)
         yield Path(tmp)
+        _chmod_like_open(tmp)  # after the writer: some (safetensors) replace the file and make it 0600 again
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -56,8 +66,8 @@ def atomic_dir(final):
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        _chmod_like_open(tmp, directory=True)
         yield tmp
+        chmod_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -45,6 +45,9 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
     import os
     import stat
 
+    import torch
+    from safetensors.torch import save_file
+
     from erase_diffusion.atomic import atomic_dir
 
     old = os.umask(0o022)
@@ -52,10 +55,16 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
         write_json(tmp_path / "m.json", {})
         with atomic_dir(tmp_path / "pipe") as tmp:
             (tmp / "x").write_text("1")
+            save_file({"a": torch.zeros(1)}, str(tmp / "w.safetensors"))  # safetensors itself writes 0600
+        save_patch_like = tmp_path / "p.safetensors"
+        with atomic_path(save_patch_like) as tmp:
+            save_file({"a": torch.zeros(1)}, str(tmp))
         os.umask(0o007)
         write_json(tmp_path / "g.json", {})
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644  # mkstemp alone gives 0600
     assert stat.S_IMODE((tmp_path / "pipe").stat().st_mode) == 0o755  # mkdtemp alone gives 0700
+    assert stat.S_IMODE((tmp_path / "pipe" / "w.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE(save_patch_like.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "g.json").stat().st_mode) == 0o660

@@ -446,6 +446,9 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860+)")
     parser.add_argument("--max_queue", type=int, default=MAX_QUEUE, help="requests waiting before new ones are refused")
     args = parser.parse_args(argv)
+    from erase_diffusion.threads import configure_threads
+
+    configure_threads()  # CPU threads that do not oversubscribe; OMP_NUM_THREADS wins
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if not 1 <= args.max_queue <= 10_000:
         parser.error("--max_queue must lie between 1 and 10000")

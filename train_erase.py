@@ -77,6 +77,9 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    from erase_diffusion.threads import configure_threads
+
+    configure_threads()  # CPU threads that do not oversubscribe; OMP_NUM_THREADS wins
     args = parse_args()
     try:
         metrics = train(args)

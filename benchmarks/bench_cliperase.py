@@ -42,6 +42,9 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="default: train_erase.py's")
     p.add_argument("--only", nargs="*", default=None, help="run only these config names")
     args = p.parse_args()
+    from erase_diffusion.threads import configure_threads
+
+    configure_threads()  # OMP_NUM_THREADS wins; otherwise a count that does not oversubscribe
     torch.set_flush_denormal(True)
     rows = {}
     for name, extra in CONFIGS.items():

@@ -210,6 +210,9 @@ def main() -> None:
     ap.add_argument("--latency_steps", type=int, default=20)
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "cost.json"))
     args = ap.parse_args()
+    from erase_diffusion.threads import configure_threads
+
+    configure_threads()  # OMP_NUM_THREADS wins; otherwise a count that does not oversubscribe
 
     from benchmarks.peers import esd_x, uce
     from erase_diffusion import nullspace

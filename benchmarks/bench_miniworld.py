@@ -28,6 +28,9 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
     args = p.parse_args()
+    from erase_diffusion.threads import configure_threads
+
+    configure_threads()  # OMP_NUM_THREADS wins; otherwise a count that does not oversubscribe
     torch.set_flush_denormal(True)
     res = {"threads": torch.get_num_threads(), "build": json.loads((MINIWORLD_DIR / "build.json").read_text())}
 

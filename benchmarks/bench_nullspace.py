@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-generations", action="store_true")
     ap.add_argument("--skip-clip-l", action="store_true")
     args = ap.parse_args(argv)
+    from erase_diffusion.threads import configure_threads
+
+    configure_threads()  # OMP_NUM_THREADS wins; otherwise a count that does not oversubscribe
     concept = args.concept
     retained = [s for s in domain.SHAPES if s != concept]
     out = {"concept": concept, "retained": retained, "threads": torch.get_num_threads()}

@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "patch_size.json"))
     args = parser.parse_args()
+    from erase_diffusion.threads import configure_threads
+
+    configure_threads()  # OMP_NUM_THREADS wins; otherwise a count that does not oversubscribe
 
     torch.manual_seed(0)
     cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,

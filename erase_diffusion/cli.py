@@ -24,6 +24,9 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import configure_threads
+
+    configure_threads()  # CPU threads that do not oversubscribe; OMP_NUM_THREADS wins
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="erase-diffusion", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -64,7 +64,10 @@ def parse_args(argv=None):
     # checkpoints, logs, validation
     p.add_argument("--checkpointing_steps", type=int, default=100)
     p.add_argument("--checkpoints_total_limit", type=int, default=2)
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="a checkpoint folder, or 'latest' (the newest complete one; none yet: start from scratch)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run in --output_dir (its patch and checkpoints) instead of refusing")
     p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, ... or none")
     p.add_argument("--validation_prompts", nargs="*", default=None)
     p.add_argument("--validation_steps", type=int, default=100, help="0 disables the before/after grids")
@@ -83,7 +86,7 @@ if __name__ == "__main__":
     args = parse_args()
     try:
         metrics = train(args)
-    except (ValueError, FloatingPointError) as err:
+    except (ValueError, FloatingPointError, OSError) as err:  # OSError: e.g. an unwritable --output_dir
         print(f"train_erase.py: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2, default=str))

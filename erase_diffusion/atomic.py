@@ -11,6 +11,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+# every temp name below contains this, so that a later run can tell (and remove) what a killed write left behind
+PARTIAL = ".partial-"
+
+
+def remove_stale_temps(folder) -> list[Path]:
+    """Remove what killed atomic writes left in ``folder`` (hidden ``.<name>.partial-*`` files and folders); returns
+    them. Only for folders no other process is writing into at the same time (a run's own output folder)."""
+    folder = Path(folder)
+    removed = []
+    for p in folder.glob(f".*{PARTIAL}*") if folder.is_dir() else []:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def _umask() -> int:
     try:  # Linux: read it without changing it (os.umask would, briefly, for every thread)
         with open("/proc/self/status") as fh:
@@ -47,7 +65,7 @@ def atomic_path(path, suffix: str = ".tmp"):
     ``suffix`` matters to writers that pick a format from the name (PIL: ``.png``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL}", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -64,14 +82,14 @@ def atomic_dir(final):
     aside first and removed after), on error it is removed and ``final`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{PARTIAL}", dir=final.parent))
     try:
         yield tmp
         chmod_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}-old")
+    old = final.with_name(f".{final.name}{PARTIAL}old")
     if final.exists():
         final.rename(old)
     tmp.rename(final)

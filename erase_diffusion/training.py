@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -48,15 +49,73 @@ def concept_spec(args) -> ConceptSpec:
     return ConceptSpec(args.erase_concept, {}, args.keep_concepts, args.anchor_concept)
 
 
+def check_arguments(args) -> None:
+    """Cheap refusals of settings that would crash late (ZeroDivisionError) or silently write a useless patch."""
+    import math
+
+    for name in ("train_batch_size", "max_train_steps", "checkpointing_steps", "gradient_accumulation_steps", "rank"):
+        value = getattr(args, name, 1)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    for name in ("validation_steps", "checkpoints_total_limit"):
+        value = getattr(args, name, 0)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must be 0 or more, got {value}")
+    lr = getattr(args, "learning_rate", 1.0)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"--learning_rate must be a positive number, got {lr}")
+    anchor = (getattr(args, "anchor_concept", None) or "").strip().lower()
+    if anchor and anchor in [c.strip().lower() for c in getattr(args, "erase_concept", None) or []]:
+        raise ValueError(f"--anchor_concept {anchor!r} is a concept to erase: erased prompts would be pulled toward "
+                         "themselves")
+
+
 def check_output_dir(args) -> None:
     out = Path(args.output_dir)
-    if args.resume_from_checkpoint or not out.exists():
+    for folder in (out, *out.parents):  # the nearest existing ancestor must be a folder we can write into
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--output_dir {out}: {folder} is a file, not a folder")
+            break
+    if args.resume_from_checkpoint or not out.exists() or getattr(args, "overwrite", False):
         return
     if (out / PATCH_NAME).exists() or any(out.glob("checkpoint-*")):
         raise ValueError(
             f"{out} already holds another run ({PATCH_NAME} or checkpoints); pass --resume_from_checkpoint latest to "
-            "continue it, or choose another --output_dir"
+            "continue it, --overwrite to replace it, or choose another --output_dir"
         )
+
+
+def resume_checkpoint(args) -> Path | None:
+    """The checkpoint to resume from, decided before any model loads: ``latest`` is the newest complete one, or none
+    (then the run starts from scratch, said in one line, as diffusers' training examples do)."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = checkpoints(Path(args.output_dir))
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint in %s, starting from scratch",
+                           args.output_dir)
+        return found[-1] if found else None
+    path = Path(args.resume_from_checkpoint)
+    if not _checkpoint_step(path) or not _complete(path):
+        raise ValueError(f"--resume_from_checkpoint {path} is not a complete checkpoint folder (checkpoint-<step> "
+                         f"holding {', '.join(CHECKPOINT_FILES)})")
+    return path
+
+
+def prepare_output_dir(args) -> None:
+    """After every refusal: remove what killed runs left behind (temp checkpoint folders, partial atomic writes) and,
+    with --overwrite, the previous run's checkpoints (so ``latest`` and pruning never mix two runs)."""
+    from .atomic import remove_stale_temps
+
+    out = Path(args.output_dir)
+    for stale in remove_stale_temps(out) + remove_stale_temps(out / "validation"):
+        logger.warning("removed %s, left by an interrupted write", stale)
+    if getattr(args, "overwrite", False) and not args.resume_from_checkpoint:
+        for old in out.glob("checkpoint-*"):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)  # every process of a launch runs this
 
 
 @dataclass
@@ -320,7 +379,9 @@ def make_trainable(student, args) -> None:
 def train(args) -> dict:
     # 1. Everything that can be refused is refused before any model loads.
     spec = concept_spec(args)
+    check_arguments(args)
     check_output_dir(args)
+    resume = resume_checkpoint(args)
     miniworld = args.pretrained_model_name_or_path == "miniworld"
     if not miniworld and not args.train_data_dir and not args.generate_data:
         raise ValueError("a model other than the miniature world needs --train_data_dir, or --generate_data")
@@ -334,6 +395,7 @@ def train(args) -> dict:
                          "use it with --target clip")
 
     output_dir = Path(args.output_dir)
+    prepare_output_dir(args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -399,15 +461,10 @@ def train(args) -> dict:
     accelerator.register_load_state_pre_hook(load_hook)
 
     global_step = 0
-    if args.resume_from_checkpoint:
-        path = (checkpoints(output_dir)[-1:] if args.resume_from_checkpoint == "latest"
-                else [Path(args.resume_from_checkpoint)])
-        if not path or not path[0].exists():
-            raise ValueError(f"no checkpoint to resume from in {output_dir}" if args.resume_from_checkpoint == "latest"
-                             else f"checkpoint {args.resume_from_checkpoint} does not exist")
-        accelerator.load_state(str(path[0]))
-        global_step = int(path[0].name.split("-")[1])
-        logger.info("resumed from %s at step %d", path[0], global_step)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        global_step = _checkpoint_step(resume)
+        logger.info("resumed from %s at step %d", resume, global_step)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("erase", config={k: v for k, v in vars(args).items()
@@ -417,6 +474,8 @@ def train(args) -> dict:
 
     # 5. The loop. Batches are drawn from per-process generators seeded by rank, so DDP replicas see different data.
     g = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index + global_step)
+    if resume is not None:
+        restore_data_order(g, resume, accelerator.process_index)
     bar = tqdm(range(global_step, args.max_train_steps), initial=global_step, total=args.max_train_steps,
                desc="erase", disable=not accelerator.is_local_main_process)
     loss_value, terms = float("nan"), {}
@@ -448,9 +507,7 @@ def train(args) -> dict:
             accelerator.log({"loss": loss_value, **terms}, step=global_step)
             bar.set_postfix(loss=f"{loss_value:.3f}")
             if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
-                if accelerator.is_main_process:
-                    prune_checkpoints(output_dir, args.checkpoints_total_limit)
-                accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                save_checkpoint(accelerator, output_dir, global_step, g, args.checkpoints_total_limit)
             if pipe is not None and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 save_validation(pipe, all_patch_layers(students, towers, args)[0], args, spec, output_dir, global_step)
     train_seconds = time.time() - start
@@ -488,9 +545,25 @@ def train(args) -> dict:
     return metrics
 
 
+# what resume reads (Accelerate's optimizer and RNG states, our trainable weights); the batch generator's state
+# (data_state_<rank>.safetensors) is there too, except in checkpoints of versions before it was saved
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.bin", "random_states_0.pkl")
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    m = re.fullmatch(r"checkpoint-([0-9]{1,12})", path.name)
+    return int(m.group(1)) if m else None
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and all((path / f).is_file() for f in CHECKPOINT_FILES)
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
-    """``checkpoint-<step>`` folders, oldest first."""
-    return sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    """Complete ``checkpoint-<step>`` folders, oldest first. Stray names (``checkpoint-foo``) and folders lacking a
+    file resume reads (left by a kill before checkpoints were written atomically) are skipped."""
+    found = [p for p in output_dir.glob("checkpoint-*") if _checkpoint_step(p) is not None and _complete(p)]
+    return sorted(found, key=_checkpoint_step)
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -498,7 +571,47 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
         return
     ckpts = checkpoints(output_dir)
     for old in ckpts[: max(0, len(ckpts) - limit + 1)]:
-        shutil.rmtree(old)
+        trash = old.with_name(f".{old.name}.partial-deleting")  # renamed first: a kill mid-delete leaves no half
+        old.rename(trash)  # checkpoint-N, only a hidden folder that the next start removes
+        shutil.rmtree(trash)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, generator: torch.Generator, limit: int | None) -> Path:
+    """``save_state`` into a temp folder, the batch generator's state beside it, then one rename: a kill at any point
+    leaves either a complete ``checkpoint-<step>`` or none (and a hidden temp folder the next start removes)."""
+    from .atomic import chmod_tree
+
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".{final.name}.partial-incomplete"  # the same name on every process
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prune_checkpoints(output_dir, limit)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    save_file({"generator": generator.get_state()}, str(tmp / f"data_state_{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.environ.get("ERASE_DIFFUSION_TEST_CHECKPOINT_PAUSE"):  # lets the kill -9 test hit this very moment
+            time.sleep(float(os.environ["ERASE_DIFFUSION_TEST_CHECKPOINT_PAUSE"]))
+        chmod_tree(tmp)
+        if final.exists():  # an incomplete leftover of the same step (complete ones are resumed from, never redone)
+            stale = final.with_name(f".{final.name}.partial-stale")
+            final.rename(stale)
+            shutil.rmtree(stale)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def restore_data_order(generator: torch.Generator, checkpoint: Path, process_index: int) -> None:
+    """Continue the batch sequence where the checkpoint left it, so a resumed run draws the same batches as an
+    uninterrupted one (re-seeding would draw others and train another patch)."""
+    path = checkpoint / f"data_state_{process_index}.safetensors"
+    if not path.is_file():
+        logger.warning("%s has no data state (an older checkpoint): batches are re-seeded, so the result will differ "
+                       "from an uninterrupted run", checkpoint)
+        return
+    generator.set_state(load_file(str(path))["generator"])
 
 
 @contextmanager

@@ -608,12 +608,31 @@ def describe_patch(path) -> dict:
 # kohya export, CLIPModel merge
 
 
+def _kohya_complete_attention(mods: dict[str, LoraFactors]) -> dict[str, LoraFactors]:
+    """Zero rank-1 factors for the q/k/v/out projections missing from a layer that has one of them.
+
+    A1111 runs SD 2's and SDXL's second encoder as OpenCLIP, whose q/k/v live in one ``nn.MultiheadAttention``, and
+    applies a layer's attention LoRA only when q, k, v and out are all in the file (extensions-builtin/Lora/
+    networks.py ``network_apply_weights``); otherwise it silently drops them. Zero factors change nothing in any tool.
+    CLIP's attention projections are all hidden × hidden, so one present projection gives the shapes."""
+    out = dict(mods)
+    for module, f in mods.items():
+        layer, _, proj = module.rpartition(".")
+        if proj in ATTENTION_TARGETS:
+            for p in ATTENTION_TARGETS:
+                zero = LoraFactors(f.A.new_zeros(1, f.A.shape[1]), f.B.new_zeros(f.B.shape[0], 1))
+                out.setdefault(f"{layer}.{p}", zero)
+    return out
+
+
 def export_kohya(src, dst) -> Path:
     """Convert a patch to kohya / A1111 keys (``lora_te_`` for SD 1/2, ``lora_te1_``/``lora_te2_`` for SDXL).
 
     ``.lora_down.weight`` = A, ``.lora_up.weight`` = B·r/alpha, one ``.alpha`` value for all modules (kohya scale
-    alpha / r), so ΔW = B @ A exactly. Only text-encoder LoRA modules can be
+    alpha / r), so ΔW = B @ A exactly. A layer with some but not all of q/k/v/out gets zero factors for the rest
+    (A1111 needs all four on OpenCLIP encoders). Only text-encoder LoRA modules can be
     expressed; a patch with ``clip`` modules or dense deltas is refused.
+    Checked against ComfyUI's, Forge's and A1111's key maps and scale rules in tests/test_tool_keymaps.py.
     """
 
     patch = load_patch(src)
@@ -625,7 +644,7 @@ def export_kohya(src, dst) -> Path:
     alpha = _common_rank([f.rank for mods in patch.layers.values() for f in mods.values()])
     tensors = {}
     for component, mods in patch.layers.items():
-        for module, f in mods.items():
+        for module, f in _kohya_complete_attention(mods).items():
             stem = names[component] + module.replace(".", "_")
             tensors[f"{stem}.lora_down.weight"] = f.A.contiguous()
             up = f.B if f.rank == alpha else f.B * (f.rank / alpha)

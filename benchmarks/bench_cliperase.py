@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from train_erase import parse_args  # noqa: E402
 
-from erase_diffusion.atomic import write_json  # noqa: E402
+from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
 from erase_diffusion.training import train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_evaluate import PeakRSS  # noqa: E402
-from erase_diffusion.atomic import write_json  # noqa: E402
+from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
 
 SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -223,6 +223,7 @@ def main() -> None:
     if args.only != "all" and Path(args.output).is_file():
         old = json.loads(Path(args.output).read_text())
         res.update({k: old.get(k, {}) for k in ("mini", "real", "latency")})
+        args.merged_from = old  # its meta is kept in this file's (report → write_json)
     work = Path(tempfile.mkdtemp(prefix="bench-cost-"))
     if args.only == "real":
         from transformers import CLIPTokenizer
@@ -250,7 +251,7 @@ def main() -> None:
         c = ev["details"]["cliperase"]["cost"]
         res["mini"]["cliperase"] = {"seconds": c["erase_s"], "peak_bytes": c["peak_bytes"],
                                     "peak_kind": c.get("peak_kind"), "artifact_bytes": c["artifact_bytes"],
-                                    "source": args.cliperase_json}
+                                    "source": args.cliperase_json, "source_meta": ev.get("meta")}
     except (OSError, KeyError, ValueError):
         res["mini"]["cliperase"] = {"note": "run bench_evaluate.py first (it trains CLIPErase with its defaults)"}
 
@@ -320,7 +321,7 @@ def report(res, args):
     md = "\n".join(lines)
     print(md)
     res["markdown"] = md
-    write_json(args.output, res)
+    write_json(args.output, res, merged_from=getattr(args, "merged_from", None))
     print(f"wrote {args.output}")
 
 

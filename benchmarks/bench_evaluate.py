@@ -3,6 +3,9 @@ measured by the same harness (``erase_diffusion.evaluate.evaluate_pipelines``), 
 
     OMP_NUM_THREADS=1 python benchmarks/bench_evaluate.py [--quick] [--cliperase_patch P] [--methods ...]
 
+CLIPErase's erase time is the ``train_seconds`` its run measured and wrote to ``metrics.json`` beside the patch
+(whether this script trains it or ``--cliperase_patch`` reuses one): never a number passed in.
+
 Columns: forget = share of generations from prompts naming the concept in which the judge still finds it (↓);
 retain = judged shape accuracy on prompts naming other shapes (↑); related damage = drop (points) of the judged
 accuracy of the two shapes closest to the concept by CLIP text similarity; FID = judge-feature FID of retained-prompt
@@ -62,6 +65,14 @@ class PeakRSS:
         self.extra = self.peak - self.start
 
 
+def train_seconds(patch: Path) -> float | None:
+    """The training time a CLIPErase run measured (``metrics.json`` beside its patch); None if it has none."""
+    try:
+        return float(json.loads((Path(patch).parent / "metrics.json").read_text())["train_seconds"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def run_cliperase(out_dir: Path, extra_args=()) -> tuple[Path, float, int]:
     """``python train_erase.py --erase_concept circle`` with its defaults, except that the logging and the
     before/after validation generations are off (they measure, they do not erase); (patch, seconds, child peak RSS)."""
@@ -85,7 +96,6 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--methods", nargs="+", default=["base", "nullspace", "cliperase", "esd-x", "uce"])
     ap.add_argument("--cliperase_patch", default=None, help="reuse a CLIPErase patch instead of training one")
-    ap.add_argument("--cliperase_seconds", type=float, default=None, help="its measured training time, if reused")
     ap.add_argument("--model", default="miniworld", help="pipeline (default: the bundled miniature world)")
     ap.add_argument("--esd_steps", type=int, default=500)
     ap.add_argument("--esd_lr", type=float, default=1e-4)
@@ -102,7 +112,7 @@ def main() -> None:
     from benchmarks.peers import esd_x, uce
     from erase_diffusion import nullspace
     from erase_diffusion.concepts import miniworld_spec
-    from erase_diffusion.atomic import write_json
+    from benchmarks._record import write_json  # adds the "meta" block (commit, command, started, finished)
     from erase_diffusion.evaluate import evaluate_pipelines
     from erase_diffusion.models import load_clip, load_judge, load_pipeline
     from erase_diffusion.patch import apply_to_clip
@@ -118,8 +128,10 @@ def main() -> None:
     cache: dict = {}
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     rows = {}
+    merged_from = None
     if args.merge and Path(args.output).is_file():
-        rows = {k: v for k, v in json.loads(Path(args.output).read_text())["details"].items() if k not in args.methods}
+        merged_from = json.loads(Path(args.output).read_text())
+        rows = {k: v for k, v in merged_from["details"].items() if k not in args.methods}
 
     def patched(patch):
         pipe = load_pipeline(args.model)
@@ -144,11 +156,12 @@ def main() -> None:
             cost = {"erase_s": secs, "peak_bytes": mem.extra, "artifact_bytes": patch.stat().st_size}
         elif method == "cliperase":
             if args.cliperase_patch:
-                patch, secs, peak = Path(args.cliperase_patch), args.cliperase_seconds, None
+                patch, process_s, peak = Path(args.cliperase_patch), None, None
             else:
-                patch, secs, peak = run_cliperase(work / "cliperase")
+                patch, process_s, peak = run_cliperase(work / "cliperase")
             erased, erased_clip = patched(patch)
-            cost = {"erase_s": secs, "peak_bytes": peak, "peak_kind": "child process ru_maxrss (absolute)",
+            cost = {"erase_s": train_seconds(patch), "erase_s_kind": "train_seconds in the run's metrics.json",
+                    "process_s": process_s, "peak_bytes": peak, "peak_kind": "child process ru_maxrss (absolute)",
                     "artifact_bytes": patch.stat().st_size, "patch": str(patch)}
         elif method == "esd-x":
             with PeakRSS() as mem:
@@ -166,6 +179,7 @@ def main() -> None:
         m = evaluate_pipelines(base, erased, spec, quick=args.quick, clip=clip, erased_clip=erased_clip or clip,
                                judge=judge, steps=args.steps, method=method, cache=cache,
                                output_dir=Path(args.reports) / method)
+        write_json(Path(args.reports) / method / "metrics.json", m)  # the same metrics, with the meta block
         rows[method] = {"cost": cost, "metrics": m}
         print(json.dumps({"method": method, "found": m["forgetting"]["found_named_erased"],
                           "asr": {k: v["asr"] for k, v in m["robustness"].items() if isinstance(v, dict)},
@@ -224,7 +238,7 @@ def main() -> None:
           "Inception). ASR includes pre-attack successes.")
     out = {"quick": args.quick, "targets": TARGETS, "table": table, "markdown": md,
            "details": {k: {"cost": v["cost"], "metrics": v["metrics"]} for k, v in rows.items()}}
-    write_json(args.output, out)
+    write_json(args.output, out, merged_from=merged_from)
     print(f"wrote {args.output}")
 
 

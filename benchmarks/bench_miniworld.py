@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from erase_diffusion.atomic import write_json
+from _record import write_json  # adds the "meta" block (commit, command, started, finished)
 from erase_diffusion.measure import eval_prompts, generate, held_out_dataset, judge_generations, zero_shot_accuracy
 from erase_diffusion.models import MINIWORLD_DIR, load_clip, load_judge, load_pipeline
 
@@ -69,7 +69,7 @@ def main():
         ("generations judged: style (prompts naming one)", f"{res['generation']['style']:.1%}", "—"),
         (f"paraphrase prompts: shape ({res['generation_paraphrase']['n']})", f"{res['generation_paraphrase']['shape']:.1%}", "—"),
         ("one 64×64 image, 20 steps (median s)", f"{res['latency_one_image_20_steps_s']['median']:.3f}", "< 1 s"),
-        ("weights on disk (MB)", f"{sum(res['sizes_mb'].values()):.1f}", "≤ 30"),
+        ("weights on disk (MiB)", f"{sum(res['sizes_mb'].values()):.1f}", "≤ 30"),  # sizes_mb holds MiB (2**20)
     ]
     print("| measure | value | target |\n|---|---|---|")
     for r in rows:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from erase_diffusion import measure, nullspace as ns  # noqa: E402
-from erase_diffusion.atomic import write_json  # noqa: E402
+from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
 from erase_diffusion.concepts import miniworld_spec  # noqa: E402
 from erase_diffusion.miniworld import domain  # noqa: E402
 from erase_diffusion.models import load_clip, load_pipeline  # noqa: E402

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from erase_diffusion.atomic import write_json
+from _record import write_json  # adds the "meta" block (commit, command, started, finished)
 from erase_diffusion.patch import LoraFactors, describe_patch, fingerprint, load_patch, save_patch
 
-FULL_ENCODER_BYTES = 0.49e9  # AdvUnlearn ships a whole fp32 CLIP-L text encoder (~0.49 GB)
+FULL_ENCODER_BYTES = 0.49e9  # AdvUnlearn ships a whole fp32 CLIP-L text encoder (~0.49e9 bytes = 0.46 GiB)
 
 
 def main() -> None:
@@ -79,10 +79,12 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     print(f"CLIP-L-sized text encoder: {encoder_params:,} parameters; rank-{args.rank} patch on {len(layers)} modules")
-    print(f"{'dtype':<8} {'params':>10} {'bytes':>12} {'vs 0.49 GB':>11} {'smaller':>9} {'save s':>7} {'load s':>7}")
+    print(f"{'dtype':<8} {'params':>10} {'bytes':>12} {'MiB':>6} {'vs 0.46 GiB':>11} {'smaller':>9} {'save s':>7} "
+          f"{'load s':>7}")
     for k, r in rows.items():
-        print(f"{k:<8} {r['parameters']:>10,} {r['bytes']:>12,} {r['fraction_of_full_encoder']:>10.4%} "
-              f"{r['times_smaller']:>8.0f}x {r['save_s']:>7.3f} {r['load_validate_s']:>7.3f}")
+        print(f"{k:<8} {r['parameters']:>10,} {r['bytes']:>12,} {r['bytes'] / 2**20:>6.2f} "
+              f"{r['fraction_of_full_encoder']:>11.4%} {r['times_smaller']:>8.0f}x {r['save_s']:>7.3f} "
+              f"{r['load_validate_s']:>7.3f}")
     print(f"fingerprint {fp}: {min(times) * 1000:.1f} ms (best of 3)")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     if args.repeats < 3:
         ap.error("--repeats must be at least 3")
 
-    from erase_diffusion.atomic import write_json
+    from benchmarks._record import write_json  # adds the "meta" block (commit, command, started, finished)
     from erase_diffusion.threads import available_cores
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

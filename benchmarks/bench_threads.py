@@ -76,7 +76,8 @@ def _wait(sync: Path, tag: str, count: int, timeout: float = 900) -> None:
 
 
 def scenario(mode: str, count: int, repeats: int, steps: int, timeout: float) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ERASE_DIFFUSION_THREADS")}
+    drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ERASE_DIFFUSION_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["TQDM_DISABLE"] = "1"
     with tempfile.TemporaryDirectory() as sync:
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, "--repeats", str(repeats),
@@ -155,8 +156,9 @@ def main(argv=None) -> int:
         alone, pair = rows[f"{mode} x1"], rows[f"{mode} x2"]
         pair["ratio_worst_to_alone"] = pair["worst"] / alone["median"]
 
+    load = f"load before {' '.join(before['loadavg'][:3])}, after {' '.join(after['loadavg'][:3])}"
     print(f"\none {args.steps}-step 64×64 generation, median of {args.repeats} per process; "
-          f"{available_cores()} cores; load before {' '.join(before['loadavg'][:3])}, after {' '.join(after['loadavg'][:3])}\n")
+          f"{available_cores()} cores; {load}\n")
     print("| threads | alone: threads / s | two side by side: threads / s each | slower process vs alone | target |")
     print("|---|---|---|---|---|")
     for mode in MODES:

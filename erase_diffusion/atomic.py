@@ -104,3 +104,28 @@ def write_atomic(path, data: bytes | str) -> Path:
 
 def write_json(path, obj) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def check_output(path, *, overwrite: bool = False, folder: bool = False, option: str = "output") -> Path:
+    """Refuse, before any work, an output that cannot or should not be written: a parent that is a file, a file where
+    a folder goes (or the reverse), or an existing output without ``overwrite`` (an empty folder is no output).
+    Raises ValueError with one line; writes nothing."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
+            break
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{option} {path} is a dangling symlink")
+    if not path.exists():
+        return path
+    if folder and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file, but a folder is written there")
+    if not folder and path.is_dir():
+        raise ValueError(f"{option} {path} is a folder, but a file is written there")
+    if folder and not any(path.iterdir()):
+        return path
+    if not overwrite:
+        raise ValueError(f"{option} {path} already exists; pass --overwrite to replace it")
+    return path

@@ -2,8 +2,9 @@
 train_erase.py``).
 
 Each subcommand lives in the module that does the work, which defines ``add_cli_arguments(parser)`` and
-``cli_main(args) -> int``; this file only lists them. Errors a user can fix (bad input, missing models) are
-``ValueError``s: printed as one clear line, exit status 2.
+``cli_main(args) -> int``; this file only lists them. Errors a user can fix (bad input, missing models, unwritable
+outputs) are ``ValueError``s / ``OSError``s: printed as one clear line, exit status 2. Each ``cli_main`` refuses bad
+arguments and outputs before any expensive work, and an existing output unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args.command = argv[0]
     try:
         return module.cli_main(args) or 0
-    except (ValueError, FileNotFoundError) as err:
-        print(f"erase-diffusion {argv[0]}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input, missing or unwritable files: one line, never a traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"erase-diffusion {argv[0]}: error: {reason}", file=sys.stderr)
         return 2
 
 

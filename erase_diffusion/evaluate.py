@@ -534,9 +534,20 @@ def add_cli_arguments(parser, command: str = "evaluate") -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="load the patch despite a fingerprint mismatch")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace metrics.json / report.html in --output_dir")
 
 
 def cli_main(args) -> int:
+    from .atomic import check_output
+    from .patch import load_patch
+
+    # every refusal before the minutes of generation: the outputs, the patch file, the settings
+    for name in ("metrics.json", "report.html"):
+        check_output(Path(args.output_dir) / name, overwrite=args.overwrite, option="--output_dir")
+    if args.steps is not None and not 1 <= args.steps <= 200:
+        raise ValueError(f"--steps must be between 1 and 200, got {args.steps}")
+    if args.patch is not None:
+        load_patch(args.patch)
     spec = miniworld_spec(args.erase_concept, args.keep)
     m = evaluate(args.pretrained_model_name_or_path, args.patch, spec, args.quick, output_dir=args.output_dir,
                  steps=args.steps, seed=args.seed, prompts=args.prompt, force=args.force)

@@ -174,15 +174,25 @@ def add_cli_arguments(parser, command: str) -> None:
 
 
 def cli_main(args) -> int:
-    from .models import load_judge, load_pipeline
+    import math
 
+    from .atomic import check_output
+    from .models import load_judge, load_pipeline
+    from .patch import load_patch
+    from .pipelines.loading import check_cli_strengths, load_patches
+
+    # every refusal before the pipeline loads
     if args.steps < 1 or args.steps > 200:
         raise ValueError("--steps must be between 1 and 200")
+    if not (math.isfinite(args.guidance) and 0.0 <= args.guidance <= 50.0):
+        raise ValueError(f"--guidance must be between 0 and 50, got {args.guidance}")
+    strengths = check_cli_strengths(args.strength, len(args.patch)) if args.patch else []
+    for p in args.patch:
+        load_patch(p)
+    check_output(args.output, overwrite=True, option="--output")  # a sample grid is meant to be redrawn
     pipe = load_pipeline(args.pretrained_model_name_or_path)
     if args.patch:
-        from .pipelines.loading import load_patches
-
-        load_patches(pipe, args.patch, args.strength or 1.0)
+        load_patches(pipe, args.patch, strengths)
     cases = None if args.prompts else eval_prompts(per_pair=1)
     prompts = args.prompts or [c.prompt for c in cases]
     images = generate(pipe, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance)

@@ -678,6 +678,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, command: str = "erase") -
                         help="prompt template with one '{}' slot (repeatable; default: generic templates)")
     parser.add_argument("--target", choices=("pipeline", "clip"), default="pipeline")
     parser.add_argument("--output", required=True, help="patch file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
 def _parse_synonyms(items: list[str]) -> dict[str, tuple[str, ...]]:
@@ -690,7 +691,28 @@ def _parse_synonyms(items: list[str]) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _check_cli_arguments(args: argparse.Namespace) -> None:
+    """Refusals before any model loads (one line each, exit 2 through the CLI); nothing is written."""
+    import math
+
+    from .atomic import check_output
+
+    concepts = [c.strip().lower() for c in args.concepts]
+    if not all(concepts):
+        raise ValueError("a concept to erase is empty")
+    if not (math.isfinite(args.strength) and 0.0 <= args.strength <= 1.0):
+        raise ValueError(f"--strength must be between 0 and 1, got {args.strength}")
+    if not (math.isfinite(args.protect_weight) and args.protect_weight >= 0):
+        raise ValueError(f"--protect_weight must be a finite number >= 0, got {args.protect_weight}")
+    if args.rank is not None and args.rank < 1:
+        raise ValueError(f"--rank must be at least 1, got {args.rank}")
+    if args.anchor is not None and args.anchor.strip().lower() in concepts:
+        raise ValueError(f"--anchor {args.anchor!r} is the concept being erased: the edit would map it onto itself")
+    check_output(args.output, overwrite=args.overwrite, option="--output")
+
+
 def cli_main(args: argparse.Namespace) -> int:
+    _check_cli_arguments(args)
     t0 = time.perf_counter()
     path = erase(args.pretrained_model_name_or_path, args.concepts, synonyms=_parse_synonyms(args.synonym),
                  protect=args.protect, protect_prompts=args.protect_prompt, protect_weight=args.protect_weight,

@@ -717,6 +717,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     elif command == "export-kohya":
         parser.add_argument("patch", help="patch file (.safetensors)")
         parser.add_argument("output", help="where to write the kohya / A1111 file")
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     else:
         raise ValueError(f"erase_diffusion.patch has no command {command!r}")
 
@@ -725,5 +726,11 @@ def cli_main(args) -> int:
     if args.command == "inspect":
         print(json.dumps(describe_patch(args.patch), indent=2, sort_keys=True))
     elif args.command == "export-kohya":
-        print(export_kohya(args.patch, args.output))
+        from .atomic import check_output
+
+        src, dst = Path(args.patch), Path(args.output)
+        if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+            raise ValueError(f"the output {dst} is the input patch: choose another file")
+        check_output(dst, overwrite=args.overwrite)
+        print(export_kohya(src, dst))
     return 0

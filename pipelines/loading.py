@@ -27,6 +27,9 @@ from erase_diffusion.atomic import atomic_dir
 from erase_diffusion.patch import TEXT_ENCODERS, Patch, PatchError, fingerprint, load_patch
 
 
+MAX_CLI_STRENGTH = 2.0  # as the demo's slider: beyond it a patch over-shoots its own edit
+
+
 def text_encoder_components(pipe) -> list[str]:
     """The text encoders this pipeline has and diffusers can put LoRA on."""
     loadable = getattr(pipe, "_lora_loadable_modules", [])
@@ -275,19 +278,22 @@ def unload(pipe) -> None:
     pipe.unload_lora_weights()
 
 
-def bake(model: str, patches, strengths=1.0, output_dir=None, force: bool = False) -> Path:
+def bake(model: str, patches, strengths=1.0, output_dir=None, force: bool = False, overwrite: bool = False) -> Path:
     """Load ``model``, load and fuse the patches into its text encoder(s), save the result as a new pipeline folder.
 
     Written to a temporary folder beside ``output_dir`` and renamed into place; an existing non-empty ``output_dir``
-    is refused.
+    is refused unless ``overwrite``. The output and the patch files are checked before the model loads.
     """
+    from erase_diffusion.atomic import check_output
     from erase_diffusion.models import load_pipeline
 
     if output_dir is None:
         raise ValueError("bake needs an output_dir")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ValueError(f"output_dir {output_dir} already exists and is not empty")
+    output_dir = check_output(output_dir, overwrite=overwrite, folder=True, option="output_dir")
+    patches = [patches] if isinstance(patches, (str, os.PathLike)) else list(patches)
+    _check_strengths(_as_list(strengths, len(patches), "strengths"))
+    for p in patches:
+        load_patch(p)
     pipe = load_pipeline(model)
     names = load_patches(pipe, patches, strengths, force=force)
     fuse(pipe, names)
@@ -307,12 +313,25 @@ def add_cli_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         help="strength per patch (repeat in the order of --patch; default 1.0 each)")
     parser.add_argument("--output_dir", required=True, help="new pipeline folder to write (must not exist yet)")
     parser.add_argument("--force", action="store_true", help="load patches even if the base fingerprint differs")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+
+
+def check_cli_strengths(strengths, n: int) -> list[float]:
+    """``--strength`` values for ``n`` patches (one value applies to all): finite and within [0, MAX_CLI_STRENGTH]."""
+    strengths = list(strengths or [1.0])
+    if len(strengths) == 1:
+        strengths *= n
+    if len(strengths) != n:
+        raise ValueError(f"{len(strengths)} --strength values for {n} --patch files")
+    for s in strengths:
+        if not (math.isfinite(s) and 0.0 <= s <= MAX_CLI_STRENGTH):
+            raise ValueError(f"--strength must be between 0 and {MAX_CLI_STRENGTH:g}, got {s}")
+    return strengths
 
 
 def cli_main(args) -> int:
-    strengths = args.strength if args.strength else 1.0
-    if isinstance(strengths, list) and len(strengths) == 1 and len(args.patch) > 1:
-        strengths = strengths[0]
-    out = bake(args.pretrained_model_name_or_path, args.patch, strengths, args.output_dir, force=args.force)
+    strengths = check_cli_strengths(args.strength, len(args.patch))
+    out = bake(args.pretrained_model_name_or_path, args.patch, strengths, args.output_dir, force=args.force,
+               overwrite=args.overwrite)
     print(out)
     return 0

@@ -137,6 +137,61 @@ def test_bad_files_are_clear_errors(tmp_path):
     assert not (tmp_path / "PWNED").exists()
 
 
+def _good(tmp_path):
+    good = tmp_path / "good.safetensors"
+    make_patch(sd_pipeline(), good)
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as fh:
+        return good, {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lora_alpha", 256, "must equal r"), ("lora_alpha", -128, "must equal r"), ("lora_alpha", 0, "must equal r"),
+    ("use_rslora", True, "use_rslora must be false"), ("use_dora", True, "use_dora must be false"),
+    ("target_modules", "shorter", "target_modules"), ("rank_pattern", {}, "rank"),
+    ("init_lora_weights", "pissa", "not supported"), ("lora_dropout", 0.1, "lora_dropout"),
+])
+def test_adapter_metadata_must_give_exactly_b_at_a(tmp_path, field, value, message):
+    """One-field edits of diffusers' header that would silently change the strength or drop modules."""
+    good, tensors, meta = _good(tmp_path)
+    adapter = json.loads(meta["lora_adapter_metadata"])
+    key = f"text_encoder.{field}"
+    adapter[key] = adapter[key][:-1] if value == "shorter" else value
+    bad = _rewrite(tmp_path / "bad.safetensors", tensors, {**meta, "lora_adapter_metadata": json.dumps(adapter)})
+    with pytest.raises(PatchError, match=message):
+        load_patch(bad)
+
+
+def test_checksum_catches_flipped_tensor_bytes_and_old_patches_warn(tmp_path):
+    good, tensors, meta = _good(tmp_path)
+    assert len(meta["erase_diffusion.sha256"]) == 64
+    data = bytearray(good.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor's data: still finite, still plausible
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(PatchError, match="checksum"):
+        load_patch(flipped)
+    old = _rewrite(tmp_path / "old.safetensors", tensors, {k: v for k, v in meta.items() if not k.endswith("sha256")})
+    with pytest.warns(UserWarning, match="no content checksum"):
+        assert load_patch(old).layers.keys() == load_patch(good).layers.keys()
+
+
+def test_missing_modules_and_huge_factors_are_refused(tmp_path):
+    good, tensors, meta = _good(tmp_path)
+    from erase_diffusion.patch import _content_sha256
+
+    first = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0].removesuffix(".lora_A.weight")
+    fewer = {k: v for k, v in tensors.items() if not k.startswith(first + ".")}  # declared, but not in the file
+    bad = _rewrite(tmp_path / "fewer.safetensors", fewer, {**meta, "erase_diffusion.sha256": _content_sha256(fewer)})
+    with pytest.raises(PatchError, match="ranks does not match"):
+        load_patch(bad)
+    huge = dict(tensors, **{f"{first}.lora_B.weight": tensors[f"{first}.lora_B.weight"] * 1e6})
+    bad = _rewrite(tmp_path / "huge.safetensors", huge, {**meta, "erase_diffusion.sha256": _content_sha256(huge)})
+    with pytest.raises(PatchError, match="magnitude"):
+        load_patch(bad)
+
+
 def test_save_patch_refuses_bad_layers(tmp_path):
     te = sd_pipeline().text_encoder
     ok = random_factors(te, "text_encoder")

@@ -3,8 +3,9 @@ CPU threads and with the project's guard (erase_diffusion.threads.configure_thre
 
     python benchmarks/bench_threads.py [--repeats 5] [--steps 20]
 
-Each scenario starts fresh worker processes (OMP_NUM_THREADS and ERASE_DIFFUSION_THREADS removed from their
-environment, so "default" is torch's own choice and "guard" is the guard's). A worker loads the bundled pipeline,
+Each scenario starts fresh worker processes (OMP_NUM_THREADS, OMP_WAIT_POLICY and ERASE_DIFFUSION_THREADS removed
+from their environment, so "default" is torch's own choice and "guard" is the guard's: thread count and, imported
+before torch as in the entry points, OMP_WAIT_POLICY=PASSIVE). A worker loads the bundled pipeline,
 generates one warm-up image, waits until every worker of its scenario is ready, then times ``--repeats`` generations
 of one 64×64 image at ``--steps`` steps and reports the median; it keeps generating (untimed) until its partner has
 finished too, so a pair's timed images always run side by side. The ratio is a pair's median over the same mode's
@@ -29,18 +30,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "a solid red circle"
-MODES = ("default", "guard")
+MODES = ("default", "guard", "guard_all_cores")
+LABELS = {"default": "torch default", "guard": "guard (`configure_threads`)",
+          "guard_all_cores": "guard's wait policy, all cores (`ERASE_DIFFUSION_THREADS=<cores>`)"}
 TARGET = 2.5
 
 
 def worker(mode: str, repeats: int, steps: int, sync: Path, index: int, count: int) -> None:
-    import torch
-
     decision = None
-    if mode == "guard":
+    if mode.startswith("guard"):  # as in the entry points: erase_diffusion (hence .threads) is imported before torch
         from erase_diffusion.threads import configure_threads
 
         decision = configure_threads()
+    import torch  # "default": torch first, so OpenMP keeps its own wait policy
+
     from erase_diffusion.models import load_pipeline
 
     pipe = load_pipeline("miniworld")
@@ -76,8 +79,12 @@ def _wait(sync: Path, tag: str, count: int, timeout: float = 900) -> None:
 
 
 def scenario(mode: str, count: int, repeats: int, steps: int, timeout: float) -> list[dict]:
-    drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ERASE_DIFFUSION_THREADS")
+    drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ERASE_DIFFUSION_THREADS", "OMP_WAIT_POLICY")
     env = {k: v for k, v in os.environ.items() if k not in drop}
+    if mode == "guard_all_cores":  # no load-aware count: what the wait policy alone does
+        from erase_diffusion.threads import available_cores
+
+        env["ERASE_DIFFUSION_THREADS"] = str(available_cores())
     env["TQDM_DISABLE"] = "1"
     with tempfile.TemporaryDirectory() as sync:
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, "--repeats", str(repeats),
@@ -163,7 +170,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for mode in MODES:
         alone, pair = rows[f"{mode} x1"], rows[f"{mode} x2"]
-        label = "torch default" if mode == "default" else "guard (`configure_threads`)"
+        label = LABELS[mode]
         each = " / ".join(f"{w['threads']}: {w['median']:.3f}" for w in pair["workers"])
         print(f"| {label} | {alone['workers'][0]['threads']}: {alone['median']:.3f} | {each} | "
               f"{pair['ratio_worst_to_alone']:.2f}× | ≤ {TARGET}× |")

@@ -6,6 +6,7 @@ weight delta → patch file → pipeline.
 
 __version__ = "0.1.0"
 
+from . import threads as _threads  # noqa: E402,F401  first: sets OMP_WAIT_POLICY=PASSIVE before torch loads
 from .concepts import ConceptSpec, miniworld_spec  # noqa: E402
 from .models import load_clip, load_judge, load_pipeline, resolve  # noqa: E402
 from .nullspace import erase  # noqa: E402

@@ -12,13 +12,20 @@ does not oversubscribe:
   tasks already running on them at start (``/proc/loadavg``'s running count, sampled), capped at ``MAX_DEFAULT``
   and at least 1; one inter-op thread.
 
-It is meant for ``main()`` functions, called once before any heavy torch work; library code never calls it.
+Importing this module (``erase_diffusion/__init__`` does, first) before torch also sets ``OMP_WAIT_POLICY=PASSIVE``
+unless it is set: OpenMP reads it once, when torch loads, and its default (spin while waiting) is what turns a busy
+core into a 10-40× slowdown — on a loaded 2-core machine a 2-thread generation measured 46 s spinning and 1.8 s
+passive (benchmarks/bench_threads.py records both). Imported after torch, it changes nothing.
+
+``configure_threads`` is meant for ``main()`` functions, called once before heavy torch work; library code never
+calls it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 ENV = "ERASE_DIFFUSION_THREADS"
@@ -26,6 +33,10 @@ EXPLICIT_ENVS = (ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 MAX_DEFAULT = 4
 
 _done: dict | None = None
+# OpenMP's wait policy is read when torch loads: set the default here, before, or not at all
+WAIT_POLICY_SET = "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ
+if WAIT_POLICY_SET:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def available_cores() -> int:
@@ -85,7 +96,9 @@ def configure_threads(verbose: bool = False) -> dict:
     import torch
 
     explicit = next((v for v in EXPLICIT_ENVS if os.environ.get(v, "").strip()), None)
-    decision: dict = {"source": None, "threads": None, "interop": None}
+    decision: dict = {"source": None, "threads": None, "interop": None,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)") + (
+                          " (set before torch loaded)" if WAIT_POLICY_SET else "")}
     if explicit == ENV:
         n = max(1, int(os.environ[ENV]))
         _set(torch, n)
@@ -100,7 +113,7 @@ def configure_threads(verbose: bool = False) -> dict:
         _set(torch, n)
         decision.update(source=f"guard: {cores} cores, {busy} busy", threads=n, interop=1)
     if verbose:
-        print(f"threads: {decision['threads']} ({decision['source']})")
+        print(f"threads: {decision['threads']} ({decision['source']}); OMP_WAIT_POLICY {decision['omp_wait_policy']}")
     _done = decision
     return decision
 

@@ -210,7 +210,7 @@ def test_bad_uploads_are_refused(app, tmp_path):
 def test_valid_upload_joins_the_picker(app, tmp_path):
     src = write_patch(app.pipe, tmp_path / "my new patch.safetensors", seed=4)
     picker, message = app.upload(str(src), ["other.safetensors"])
-    assert "my_new_patch.safetensors" in picker.choices[0] or ("my_new_patch.safetensors", "my_new_patch.safetensors") in picker.choices
+    assert ("my_new_patch.safetensors", "my_new_patch.safetensors") in picker.choices  # gradio 6: (label, value)
     assert picker.value == ["other.safetensors", "my_new_patch.safetensors"]
     assert (app.patch_dir / "my_new_patch.safetensors").read_bytes() == src.read_bytes()
     picker2, _ = app.upload(str(src), [])  # the same file again is reused, not duplicated

@@ -153,3 +153,12 @@ def test_render(tmp_path, scale, fmt, value, text):
     assert render({"json": "r.json", "key": "a/0/b", "format": fmt, "scale": scale}, tmp_path) == text
     assert render({"json": "r.json", "key": "a/0/b", "format": fmt, "scale": scale, "text": "x {} y"}, tmp_path) == (
         f"x {text} y")
+
+
+def test_cliperase_time_is_the_runs_own_measurement(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_evaluate import train_seconds
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"train_seconds": 43.0}))
+    assert train_seconds(tmp_path / "erase_patch.safetensors") == 43.0
+    assert train_seconds(tmp_path / "elsewhere" / "erase_patch.safetensors") is None  # reported "–", never guessed

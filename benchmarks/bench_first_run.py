@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "first_run.json"))
     args = ap.parse_args(argv)
 
-    from erase_diffusion.atomic import write_json
+    from benchmarks._record import write_json  # adds the "meta" block (commit, command, started, finished)
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     before = machine_state()

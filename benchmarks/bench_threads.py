@@ -1,16 +1,17 @@
 """Threads: one miniature-world generation alone and two generation processes side by side, with torch's default
 CPU threads and with the project's guard (erase_diffusion.threads.configure_threads).
 
-    python benchmarks/bench_threads.py [--repeats 5] [--steps 20]
+    python benchmarks/bench_threads.py [--repeats 3] [--steps 20]
 
-Each scenario starts fresh worker processes (OMP_NUM_THREADS, OMP_WAIT_POLICY and ERASE_DIFFUSION_THREADS removed
-from their environment, so "default" is torch's own choice and "guard" is the guard's: thread count and, imported
-before torch as in the entry points, OMP_WAIT_POLICY=PASSIVE). A worker loads the bundled pipeline,
-generates one warm-up image, waits until every worker of its scenario is ready, then times ``--repeats`` generations
-of one 64×64 image at ``--steps`` steps and reports the median; it keeps generating (untimed) until its partner has
-finished too, so a pair's timed images always run side by side. The ratio is a pair's median over the same mode's
-median alone; the target is ≤ 2.5×. The machine is shared, so the load before and after is recorded with the results.
-Writes benchmarks/results/threads.json.
+Per mode, three worker processes load the bundled pipeline and wait: one started on its own (its thread decision is
+the one a job started alone gets), then two started together (the decision two jobs started at once get). Workers
+start with OMP_NUM_THREADS, OMP_WAIT_POLICY and ERASE_DIFFUSION_THREADS removed from their environment, so
+"default" is torch's own choice and "guard" is the guard's (thread count and, imported before torch as in the entry
+points, OMP_WAIT_POLICY=PASSIVE). Then rounds alternate — the lone worker generates one image while the others
+sleep, then the pair generate one image each at the same moment — ``--repeats`` times after a warm-up round, so a
+change in the machine's background load hits both sides alike. One image is 64×64 at ``--steps`` steps. The ratio
+is the slower pair member's median over the lone worker's median; the target is ≤ 2.5×. The machine is shared, so
+its load and busiest processes before and after are recorded. Writes benchmarks/results/threads.json.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +36,8 @@ LABELS = {"default": "torch default", "guard": "guard (`configure_threads`)",
 TARGET = 2.5
 
 
-def worker(mode: str, repeats: int, steps: int, sync: Path, index: int, count: int) -> None:
+def worker(mode: str, steps: int) -> None:
+    """Load, report ready, then one timed generation per 'go SEED' line on stdin."""
     decision = None
     if mode.startswith("guard"):  # as in the entry points: erase_diffusion (hence .threads) is imported before torch
         from erase_diffusion.threads import configure_threads
@@ -48,61 +49,77 @@ def worker(mode: str, repeats: int, steps: int, sync: Path, index: int, count: i
 
     pipe = load_pipeline("miniworld")
     pipe.set_progress_bar_config(disable=True)
-
-    def one(seed):
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+                      "decision": decision}), flush=True)
+    for line in sys.stdin:
+        seed = int(line.split()[1])
         t0 = time.perf_counter()
         pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
-        return time.perf_counter() - t0
-
-    one(0)  # warm-up
-    (sync / f"ready{index}").touch()
-    _wait(sync, "ready", count)
-    times = [one(1 + i) for i in range(repeats)]
-    (sync / f"done{index}").touch()
-    extra = 0
-    while not _all(sync, "done", count):  # keep the partner company until it has its figures too
-        one(100 + extra)
-        extra += 1
-    print(json.dumps({"mode": mode, "threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
-                      "decision": decision, "times": times, "median": statistics.median(times),
-                      "untimed_after": extra}), flush=True)
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
 
 
-def _all(sync: Path, tag: str, count: int) -> bool:
-    return all((sync / f"{tag}{i}").exists() for i in range(count))
+class Worker:
+    def __init__(self, mode: str, steps: int):
+        drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ERASE_DIFFUSION_THREADS", "OMP_WAIT_POLICY")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env["TQDM_DISABLE"] = "1"
+        if mode == "guard_all_cores":  # no load-aware count: what the wait policy alone does
+            from erase_diffusion.threads import available_cores
+
+            env["ERASE_DIFFUSION_THREADS"] = str(available_cores())
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", mode, "--steps", str(steps)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env=env)
+        self.info = None
+
+    def read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"a worker died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def ready(self) -> dict:
+        self.info = self.read()
+        return self.info
+
+    def go(self, seed: int) -> None:
+        self.proc.stdin.write(f"go {seed}\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
-def _wait(sync: Path, tag: str, count: int, timeout: float = 900) -> None:
-    end = time.time() + timeout
-    while not _all(sync, tag, count) and time.time() < end:
-        time.sleep(0.05)
-
-
-def scenario(mode: str, count: int, repeats: int, steps: int, timeout: float) -> list[dict]:
-    drop = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ERASE_DIFFUSION_THREADS", "OMP_WAIT_POLICY")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    if mode == "guard_all_cores":  # no load-aware count: what the wait policy alone does
-        from erase_diffusion.threads import available_cores
-
-        env["ERASE_DIFFUSION_THREADS"] = str(available_cores())
-    env["TQDM_DISABLE"] = "1"
-    with tempfile.TemporaryDirectory() as sync:
-        procs = [subprocess.Popen([sys.executable, __file__, "--worker", mode, "--repeats", str(repeats),
-                                   "--steps", str(steps), "--sync", sync, "--index", str(i), "--count", str(count)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-                 for i in range(count)]
-        out = []
-        for p in procs:
-            try:
-                stdout, _ = p.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                raise SystemExit(f"{mode} ×{count}: a worker ran past {timeout:.0f} s")
-            if p.returncode != 0:
-                raise SystemExit(f"{mode} ×{count}: a worker failed (exit {p.returncode})")
-            out.append(json.loads(stdout.strip().splitlines()[-1]))
-    return out
+def measure_mode(mode: str, repeats: int, steps: int) -> dict:
+    lone = Worker(mode, steps)
+    lone.ready()  # started alone: its decision is a lone job's
+    pair = [Worker(mode, steps), Worker(mode, steps)]  # started together
+    for w in pair:
+        w.ready()
+    alone, together = [], [[], []]
+    try:
+        for r in range(repeats + 1):  # round 0 warms up
+            lone.go(r)
+            t = lone.read()["seconds"]
+            for w in pair:
+                w.go(r)
+            ts = [w.read()["seconds"] for w in pair]
+            if r:
+                alone.append(t)
+                for i in range(2):
+                    together[i].append(ts[i])
+            print(f"    {mode} round {r}: alone {t:.3f} s, pair {ts[0]:.3f} / {ts[1]:.3f} s", flush=True)
+    finally:
+        for w in [lone] + pair:
+            w.close()
+    med = [statistics.median(x) for x in together]
+    return {"mode": mode, "alone": {"threads": lone.info["threads"], "decision": lone.info["decision"],
+                                    "times": alone, "median": statistics.median(alone)},
+            "pair": [{"threads": w.info["threads"], "decision": w.info["decision"], "times": together[i],
+                      "median": med[i]} for i, w in enumerate(pair)],
+            "ratio_worst_to_alone": max(med) / statistics.median(alone)}
 
 
 def machine_state() -> dict:
@@ -127,17 +144,13 @@ def git_commit() -> str | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=5, help="timed generations per process (median; >= 3)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per mode (median; >= 3)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per scenario")
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "threads.json"))
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
-    ap.add_argument("--sync", help=argparse.SUPPRESS)
-    ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.repeats, args.steps, Path(args.sync), args.index, args.count)
+        worker(args.worker, args.steps)
         return 0
     if args.repeats < 3:
         ap.error("--repeats must be at least 3")
@@ -148,33 +161,24 @@ def main(argv=None) -> int:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     before = machine_state()
     rows = {}
-    for mode in MODES:  # alone first, then the pair, per mode
-        for count in (1, 2):
-            t0 = time.perf_counter()
-            res = scenario(mode, count, args.repeats, args.steps, args.timeout)
-            rows[f"{mode} x{count}"] = {"mode": mode, "processes": count, "workers": res,
-                                        "median": statistics.median(r["median"] for r in res),
-                                        "worst": max(r["median"] for r in res),
-                                        "wall_s": time.perf_counter() - t0}
-            print(f"  {mode} ×{count}: threads {[r['threads'] for r in res]}, medians "
-                  f"{[round(r['median'], 3) for r in res]} s", flush=True)
-    after = machine_state()
     for mode in MODES:
-        alone, pair = rows[f"{mode} x1"], rows[f"{mode} x2"]
-        pair["ratio_worst_to_alone"] = pair["worst"] / alone["median"]
+        t0 = time.perf_counter()
+        rows[mode] = measure_mode(mode, args.repeats, args.steps)
+        rows[mode]["wall_s"] = time.perf_counter() - t0
+    after = machine_state()
 
     load = f"load before {' '.join(before['loadavg'][:3])}, after {' '.join(after['loadavg'][:3])}"
-    print(f"\none {args.steps}-step 64×64 generation, median of {args.repeats} per process; "
+    print(f"\none {args.steps}-step 64×64 generation, median of {args.repeats} interleaved rounds; "
           f"{available_cores()} cores; {load}\n")
     print("| threads | alone: threads / s | two side by side: threads / s each | slower process vs alone | target |")
     print("|---|---|---|---|---|")
     for mode in MODES:
-        alone, pair = rows[f"{mode} x1"], rows[f"{mode} x2"]
-        label = LABELS[mode]
-        each = " / ".join(f"{w['threads']}: {w['median']:.3f}" for w in pair["workers"])
-        print(f"| {label} | {alone['workers'][0]['threads']}: {alone['median']:.3f} | {each} | "
-              f"{pair['ratio_worst_to_alone']:.2f}× | ≤ {TARGET}× |")
-    g, d = rows["guard x2"]["worst"], rows["default x2"]["worst"]
+        row = rows[mode]
+        each = " / ".join(f"{w['threads']}: {w['median']:.3f}" for w in row["pair"])
+        print(f"| {LABELS[mode]} | {row['alone']['threads']}: {row['alone']['median']:.3f} | {each} | "
+              f"{row['ratio_worst_to_alone']:.2f}× | ≤ {TARGET}× |")
+    g = max(w["median"] for w in rows["guard"]["pair"])
+    d = max(w["median"] for w in rows["default"]["pair"])
     print(f"\nside by side, guard vs default: {d / g:.1f}× faster per image")
 
     write_json(args.output, {

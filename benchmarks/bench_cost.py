@@ -85,7 +85,7 @@ def cliperase_step(texts: list[dict], tok, batch: int, gradient_checkpointing: b
     from erase_diffusion.cliperase import LossWeights
     from erase_diffusion.concepts import ConceptSpec
     from erase_diffusion.data import prompt_sets
-    from erase_diffusion.training import EraseObjective, TextTower, make_trainable
+    from erase_diffusion.training import EraseObjective, TextTower, make_trainable, original, original_outputs
 
     sdxl = len(texts) == 2
     names = ["text_encoder", "text_encoder_2"][: len(texts)]
@@ -106,9 +106,16 @@ def cliperase_step(texts: list[dict], tok, batch: int, gradient_checkpointing: b
     prompts = prompt_sets(ConceptSpec(["apple"], keep=["pear", "banana"], anchor="fruit"), miniworld=False)
     caption = prompts["forget"][:batch]
     idx = torch.arange(batch) % 64
+    # the original model's outputs are computed once before training (training.original_outputs), not per step
+    for tower in towers:
+        with original(students[tower.name], tower) as ref:
+            tower.retain_txt = original_outputs(ref, tower, prompts["retain"][:64], "cpu", pooled_only=True)
+            tower.targets = {k: original_outputs(ref, tower, prompts[k][:batch], "cpu") for k in ("anchor", "retain")}
+        longest = max(len(ids) for ids in tok(prompts["forget"] + prompts["retain"]).input_ids)
+        tower.fit = min(tok.model_max_length, longest + 1)
+    order = torch.arange(batch)
     data = {"fi": idx, "ri": idx, "forget_captions": caption, "retain_captions": prompts["retain"][:batch],
-            "forget_prompts": caption, "anchor_prompts": prompts["anchor"][:batch],
-            "retain_prompts": prompts["retain"][:batch]}
+            "forget_prompts": caption, "pi": order, "retain_prompts": prompts["retain"][:batch], "qi": order}
 
     def step():
         loss, _ = model(data)

@@ -37,6 +37,8 @@ from .models import load_clip, load_pipeline, resolve
 logger = logging.getLogger(__name__)
 PATCH_NAME = "erase_patch.safetensors"
 # the text tower only: the vision tower shares these module names
+# the token terms run every TOKEN_SUBSAMPLE-th prompt of a batch at the later (padding) positions too
+TOKEN_SUBSAMPLE = 8
 TEXT_TARGETS = r".*text_model\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc1|mlp\.fc2)"
 
 
@@ -135,6 +137,9 @@ class TextTower:
     pooled: bool = False
     forget_img: torch.Tensor | None = None  # image embeddings by the frozen vision tower
     retain_img: torch.Tensor | None = None
+    retain_txt: torch.Tensor | None = None  # the original's pooled embeddings of every retain caption (consistency)
+    targets: dict | None = None  # the original's read states of the anchor / retain prompts: {set: (states, pooled)}
+    fit: int = 77  # token positions every prompt of the token terms runs at (the rest: a subsample, TOKEN_SUBSAMPLE)
     forget_pixels: torch.Tensor | None = None  # kept only when the vision tower trains
     retain_pixels: torch.Tensor | None = None
     clip_difference: float = 0.0  # relative weight difference between the CLIP's text tower and the pipeline's encoder
@@ -167,11 +172,13 @@ def encode_pooled(model, tokenizer, texts: list[str], device) -> torch.Tensor:
     return model.text_projection(model.text_model(input_ids=ids).pooler_output)
 
 
-def encode_read(model, tokenizer, texts: list[str], device, layer: int = -1, pooled: bool = False):
+def encode_read(model, tokenizer, texts: list[str], device, layer: int = -1, pooled: bool = False,
+                length: int | None = None):
     """What a pipeline reads from this text encoder, computed as diffusers' ``encode_prompt`` does (padded to 77, no
     attention mask): per-token states of ``layer`` (-1: after the final layer norm), and with ``pooled`` the projected
-    pooled embedding (SDXL's second encoder)."""
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    pooled embedding (SDXL's second encoder). ``length`` < 77: only the first positions, which the causal encoder
+    computes exactly from the shorter pass (every prompt must fit, end token included)."""
+    ids = tokenizer(texts, padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     out = model.text_model(input_ids=ids, output_hidden_states=layer != -1)
     states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
@@ -224,18 +231,44 @@ class EraseObjective(torch.nn.Module):
             if w.retain:
                 terms["retain"] = cliperase.retention(r_img, r_txt, scale)
             if w.consistency:
-                with torch.no_grad(), original(student, tower) as ref:
-                    ref_txt = encode_pooled(ref, tok, batch["retain_captions"], device)
+                ref_txt = tower.retain_txt[batch["ri"]]
                 terms["consistency"] = cliperase.consistency(r_img, r_txt, tower.retain_img[batch["ri"]], ref_txt, scale)
-        for name, prompts, targets in (("token_forget", "forget_prompts", "anchor_prompts"),
-                                       ("token_consistency", "retain_prompts", "retain_prompts")):
+        for name, prompts, idx, targets in (("token_forget", "forget_prompts", "pi", "anchor"),
+                                            ("token_consistency", "retain_prompts", "qi", "retain")):
             if getattr(w, name):
-                states, pooled = encode_read(student, tok, batch[prompts], device, tower.layer, tower.pooled)
-                with torch.no_grad(), original(student, tower) as ref:
-                    ref_states, ref_pooled = encode_read(ref, tok, batch[targets], device, tower.layer, tower.pooled)
                 term = cliperase.token_forgetting if name == "token_forget" else cliperase.token_consistency
-                terms[name] = term(states, ref_states) + (term(pooled, ref_pooled) if tower.pooled else 0)
+                terms[name] = self.token_term(student, tower, term, batch[prompts], batch[idx], *tower.targets[targets])
         return sum(getattr(w, name) * value for name, value in terms.items()), terms
+
+    def token_term(self, student, tower: TextTower, term, prompts: list[str], idx: torch.Tensor, ref_states, ref_pooled):
+        """``term`` over the 77 positions the pipeline reads, against the original's precomputed states: every prompt
+        at the first ``tower.fit`` positions (words, end token, first padding), every ``TOKEN_SUBSAMPLE``-th prompt
+        also at the later (padding) positions; each part weighted by its share of the positions, so the estimate's
+        expectation is the full-length term at a fraction of the cost."""
+        tok, device, full = tower.tokenizer, idx.device, ref_states.shape[1]
+        ref = ref_states[idx]
+        states, pooled = encode_read(student, tok, prompts, device, tower.layer, tower.pooled, length=tower.fit)
+        loss = term(states, ref[:, : tower.fit]) * (tower.fit / full)
+        if tower.fit < full:
+            late, _ = encode_read(student, tok, prompts[::TOKEN_SUBSAMPLE], device, tower.layer)
+            loss = loss + term(late[:, tower.fit :], ref[::TOKEN_SUBSAMPLE, tower.fit :]) * ((full - tower.fit) / full)
+        if tower.pooled:
+            loss = loss + term(pooled, ref_pooled[idx])
+        return loss
+
+
+@torch.no_grad()
+def original_outputs(ref, tower: TextTower, texts: list[str], device, pooled_only: bool = False, batch: int = 64):
+    """The original model's pooled embeddings of ``texts`` (``pooled_only``), or its read states and pooled
+    embeddings (None unless the tower reads it) at all 77 positions, in batches."""
+    outs = []
+    for i in range(0, len(texts), batch):
+        chunk = texts[i : i + batch]
+        outs.append(encode_pooled(ref, tower.tokenizer, chunk, device) if pooled_only
+                    else encode_read(ref, tower.tokenizer, chunk, device, tower.layer, tower.pooled))
+    if pooled_only:
+        return torch.cat(outs)
+    return torch.cat([s for s, _ in outs]), (torch.cat([p for _, p in outs]) if tower.pooled else None)
 
 
 def lora_layers(model) -> dict:
@@ -424,8 +457,13 @@ def train(args) -> dict:
     for tower in towers:
         processor = None if miniworld else CLIPImageProcessor.from_pretrained(resolve(tower.clip, "clip"))
         f_pix, r_pix = forget.pixels(processor), retain.pixels(processor)
+        # everything the original model contributes to the loss is fixed: computed once here, not at every step
         with original(students[tower.name].to(accelerator.device), tower) as ref:
             tower.forget_img, tower.retain_img = image_embeddings(ref, f_pix), image_embeddings(ref, r_pix)
+            tower.retain_txt = original_outputs(ref, tower, retain.captions, accelerator.device, pooled_only=True)
+            tower.targets = {k: original_outputs(ref, tower, prompts[k], accelerator.device) for k in ("anchor", "retain")}
+        longest = max(len(ids) for ids in tower.tokenizer(prompts["forget"] + prompts["retain"]).input_ids)
+        tower.fit = min(tower.tokenizer.model_max_length, longest + 1)
         if args.train_vision_tower:
             tower.forget_pixels, tower.retain_pixels = f_pix, r_pix
     logger.info("forget pairs %d, retain pairs %d", len(forget.captions), len(retain.captions))
@@ -489,8 +527,8 @@ def train(args) -> dict:
             batch = {
                 "fi": fi.to(accelerator.device), "forget_captions": [forget.captions[i] for i in fi],
                 "ri": ri.to(accelerator.device), "retain_captions": [retain.captions[i] for i in ri],
-                "forget_prompts": [prompts["forget"][i] for i in pi], "anchor_prompts": [prompts["anchor"][i] for i in pi],
-                "retain_prompts": [prompts["retain"][i] for i in qi],
+                "forget_prompts": [prompts["forget"][i] for i in pi], "pi": pi.to(accelerator.device),
+                "retain_prompts": [prompts["retain"][i] for i in qi], "qi": qi.to(accelerator.device),
             }
             loss, terms = model(batch)
             if not torch.isfinite(loss):

@@ -1,0 +1,128 @@
+"""Both methods, default settings, on every concept of the miniature world and on multi-concept sets.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_concepts.py [--methods nullspace cliperase] [--sets circle red ...]
+        [--n 64] [--steps 10]
+
+One row per (erased set, concept, method): found rates on prompts naming the concept (domain templates, paraphrases,
+held-out phrasings), retained accuracy of the erased attribute base → patched with its worst class, and the other
+attributes kept on the named prompts — every rate with n and a Wilson 95 % interval (``erase_diffusion.scorecard``).
+Per-prompt seeds are shared by base and patched pipelines. CLIPErase is train_erase.py's defaults (its training time
+is measured); nullspace is ``erase_diffusion.nullspace.erase`` with its defaults. Writes
+benchmarks/results/concepts.json and benchmarks/results/concepts.png (forget vs retained, one point per concept and
+method). Targets (issue 16): found ≤ 5 % (named, paraphrase); retained within 3 points of base; other attributes kept
+≥ 80 % of their base rate.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import erase_diffusion  # noqa: E402,F401  # sets the thread guard before torch loads
+
+from benchmarks._record import write_json  # noqa: E402
+from erase_diffusion import nullspace, scorecard  # noqa: E402
+from erase_diffusion.concepts import miniworld_spec  # noqa: E402
+from erase_diffusion.miniworld import domain  # noqa: E402
+from erase_diffusion.models import load_judge, load_pipeline  # noqa: E402
+from erase_diffusion.pipelines.loading import load_patches  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SINGLE = [*domain.SHAPES, *domain.COLOURS, *domain.STYLES]
+MULTI = ["heart+triangle", "circle+red+striped+square", "circle+square+triangle+star+heart+cross+diamond"]
+
+
+def run_cliperase(concepts: list[str], out: Path) -> tuple[Path, float]:
+    from train_erase import parse_args
+    from erase_diffusion.training import train
+
+    args = parse_args(["--erase_concept", *concepts, "--output_dir", str(out), "--validation_steps", "0",
+                       "--report_to", "none", "--eval_generations", "0"])
+    t0 = time.perf_counter()
+    metrics = train(args)
+    return Path(metrics["patch"]), time.perf_counter() - t0
+
+
+def run_nullspace(concepts: list[str], out: Path) -> tuple[Path, float]:
+    t0 = time.perf_counter()
+    path = nullspace.erase("miniworld", concepts, output=out / "patch.safetensors")
+    return path, time.perf_counter() - t0
+
+
+def pct(r: dict) -> str:
+    return f"{100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f}]"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", nargs="+", default=["nullspace", "cliperase"], choices=["nullspace", "cliperase"])
+    p.add_argument("--sets", nargs="+", default=SINGLE + MULTI, help="concepts; '+' joins a multi-concept set")
+    p.add_argument("--n", type=int, default=64, help="prompts per found set and concept (retained: 2n)")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
+    p.add_argument("--output", default=str(RESULTS / "concepts.json"))
+    args = p.parse_args()
+    sets = [s.split("+") for s in args.sets]
+    for s in sets:  # every name is checked before any model loads
+        miniworld_spec(s)
+
+    base, judge = load_pipeline("miniworld"), load_judge("miniworld")
+    base.set_progress_bar_config(disable=True)
+    runners = {"nullspace": run_nullspace, "cliperase": run_cliperase}
+    rows = []
+    for concepts in sets:
+        spec = miniworld_spec(concepts)
+        card = scorecard.Scorecard(base, judge, spec, n=args.n, n_retained=2 * args.n, steps=args.steps)
+        for method in args.methods:
+            with tempfile.TemporaryDirectory() as tmp:
+                patch, seconds = runners[method](concepts, Path(tmp))
+                pipe = load_pipeline("miniworld")
+                pipe.set_progress_bar_config(disable=True)
+                load_patches(pipe, [patch])
+                result = card.score(pipe)
+            for concept, row in scorecard.summary(result, spec).items():
+                row.update({"set": "+".join(concepts), "concept": concept, "method": method,
+                            "erase_seconds": round(seconds, 2), "paired": result["paired"][concept]})
+                rows.append(row)
+                kept = "; ".join(f"{o} {100 * v['base']:.0f} → {100 * v['patched']:.0f} %" for o, v in row["kept"].items())
+                wn = row["worst_neighbour"]
+                print(f"| {row['set']} | {concept} | {method} | {pct(row['found_named'])} | "
+                      f"{pct(row['found_paraphrase']) if 'found_paraphrase' in row else '–'} | {pct(row['found_heldout'])} | "
+                      f"{100 * row['retained_base']['rate']:.1f} → {pct(row['retained'])} | "
+                      f"{wn['class']} {100 * wn['base']:.0f} → {100 * wn['patched']:.0f} % | {kept} | {seconds:.1f} s |",
+                      flush=True)
+            write_json(Path(args.output), {"n": args.n, "steps": args.steps, "rows": rows})
+    plot(rows, Path(args.output).with_suffix(".png"))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from erase_diffusion.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, marker in (("nullspace", "o"), ("cliperase", "s")):
+        sel = [r for r in rows if r["method"] == method]
+        if sel:
+            x = [100 * r["found_named"]["rate"] for r in sel]
+            y = [100 * (r["retained"]["rate"] - r["retained_base"]["rate"]) for r in sel]
+            ax.scatter(x, y, marker=marker, label=method, alpha=0.7)
+            for r, xi, yi in zip(sel, x, y):
+                ax.annotate(r["concept"], (xi, yi), fontsize=6)
+    ax.axvline(5, ls=":", c="grey")
+    ax.axhline(-3, ls=":", c="grey")
+    ax.set_xlabel("found, named prompts (%)  ↓")
+    ax.set_ylabel("retained accuracy change (points)  ↑")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ held-out phrasings), retained accuracy of the erased attribute base → patched 
 attributes kept on the named prompts — every rate with n and a Wilson 95 % interval (``erase_diffusion.scorecard``).
 Per-prompt seeds are shared by base and patched pipelines. CLIPErase is train_erase.py's defaults (its training time
 is measured); nullspace is ``erase_diffusion.nullspace.erase`` with its defaults. Writes
-benchmarks/results/concepts.json and benchmarks/results/concepts.png (forget vs retained, one point per concept and
+benchmarks/results/concepts*.json and a .png beside it (forget vs retained, one point per concept and
 method). Targets (issue 16): found ≤ 5 % (named, paraphrase); retained within 3 points of base; other attributes kept
 ≥ 80 % of their base rate.
 """
@@ -32,6 +32,8 @@ from erase_diffusion.pipelines.loading import load_patches  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SINGLE = [*domain.SHAPES, *domain.COLOURS, *domain.STYLES]
+# one method per run lets the two run side by side (CLIPErase trains; the closed form takes seconds)
+OUTPUTS = {("nullspace",): "concepts_nullspace.json", ("cliperase",): "concepts_cliperase.json"}
 MULTI = ["heart+triangle", "circle+red+striped+square", "circle+square+triangle+star+heart+cross+diamond"]
 
 
@@ -62,8 +64,9 @@ def main():
     p.add_argument("--sets", nargs="+", default=SINGLE + MULTI, help="concepts; '+' joins a multi-concept set")
     p.add_argument("--n", type=int, default=64, help="prompts per found set and concept (retained: 2n)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
-    p.add_argument("--output", default=str(RESULTS / "concepts.json"))
+    p.add_argument("--output", default=None, help="default: results/concepts.json, or one file per single method")
     args = p.parse_args()
+    args.output = args.output or str(RESULTS / OUTPUTS.get(tuple(args.methods), "concepts.json"))
     sets = [s.split("+") for s in args.sets]
     for s in sets:  # every name is checked before any model loads
         miniworld_spec(s)

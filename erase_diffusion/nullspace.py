@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,6 +415,14 @@ def encoder_edit(
     # exact protection: the span of the protected prompts' fc2 inputs (all 77 tokens each) is annihilated by ΔW
     budget = int(protect_budget * d_in)
     Q = _orth_basis(K_x.reshape(-1, d_in).T, protect_rtol)
+    empty_exact = protect_empty
+    if Q.shape[1] > budget and protect_empty and _orth_basis(K_x[0].T, protect_rtol).shape[1] > budget:
+        # an encoder too narrow for the empty prompt's 77 positions (tiny test models; CLIP-L has 3072): said, not hidden
+        warnings.warn(f"the empty prompt alone spans more than {budget} of the {d_in} fc2-input dimensions: it is "
+                      "kept only in the least-squares sense", stacklevel=2)
+        exact, empty_exact = exact[1:], False
+        K_x = K_x[1:]
+        Q = _orth_basis(K_x.reshape(-1, d_in).T, protect_rtol)
     if Q.shape[1] > budget:
         per = Q.shape[1] / max(1, len(exact))
         raise ValueError(
@@ -464,6 +473,7 @@ def encoder_edit(
         "fit_positions": fit,
         "full_every": full_every,
         "n_exact_protected_prompts": len(exact),
+        "empty_prompt_exact": empty_exact,
         "exact_protected_rank": int(Q.shape[1]),
         "free_energy": free,
         "target_effective_rank": eff_rank,

@@ -14,6 +14,7 @@ method). Targets (issue 16): found ≤ 5 % (named, paraphrase); retained within 
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -64,6 +65,7 @@ def main():
     p.add_argument("--sets", nargs="+", default=SINGLE + MULTI, help="concepts; '+' joins a multi-concept set")
     p.add_argument("--n", type=int, default=64, help="prompts per found set and concept (retained: 2n)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
+    p.add_argument("--merge", action="store_true", help="keep the output's rows of the sets not re-run")
     p.add_argument("--output", default=None, help="default: results/concepts.json, or one file per single method")
     args = p.parse_args()
     args.output = args.output or str(RESULTS / OUTPUTS.get(tuple(args.methods), "concepts.json"))
@@ -74,7 +76,10 @@ def main():
     base, judge = load_pipeline("miniworld"), load_judge("miniworld")
     base.set_progress_bar_config(disable=True)
     runners = {"nullspace": run_nullspace, "cliperase": run_cliperase}
-    rows = []
+    rows, old = [], None
+    if args.merge and Path(args.output).is_file():
+        old = json.loads(Path(args.output).read_text())
+        rows = [r for r in old["rows"] if r["set"] not in {"+".join(c) for c in sets}]
     for concepts in sets:
         spec = miniworld_spec(concepts)
         card = scorecard.Scorecard(base, judge, spec, n=args.n, n_retained=2 * args.n, steps=args.steps)
@@ -96,7 +101,7 @@ def main():
                       f"{100 * row['retained_base']['rate']:.1f} → {pct(row['retained'])} | "
                       f"{wn['class']} {100 * wn['base']:.0f} → {100 * wn['patched']:.0f} % | {kept} | {seconds:.1f} s |",
                       flush=True)
-            write_json(Path(args.output), {"n": args.n, "steps": args.steps, "rows": rows})
+            write_json(Path(args.output), {"n": args.n, "steps": args.steps, "rows": rows}, merged_from=old)
     plot(rows, Path(args.output).with_suffix(".png"))
 
 

@@ -37,6 +37,13 @@ Two targets, one idea (``reference/methods.md`` §2):
       equals the base model's (checked numerically, ≤ 1e-4). They take ~77 dimensions each; more than
       ``PROTECT_BUDGET`` of the width is refused with the number of prompts that fit (~3 in the miniature world's
       512 with the 50 % budget, ~20 in CLIP-L). Default on the miniature world: ``MINIWORLD_PROTECT_PROMPTS``.
+      The empty prompt is always among them (``protect_empty``): classifier-free guidance reads its conditioning at
+      every step of every generation, so a change there is a change to every image (an encoder too narrow for its
+      span keeps it in the least-squares sense, with a warning).
+    * ``depth`` > 1 spreads the edit over the read layer and the ``depth - 1`` layers below it (``encoder_edits``,
+      EMCID-style: each layer takes 1 / (layers left) of the remaining way, fitted with the earlier ones applied).
+      Measured on the miniature world it did not help (red / star / striped found rates not lower, striped's
+      higher), so the default is 1.
     * μ = ``ridge`` (1e-2) × the mean eigenvalue of P K_c K_cᵀ P keeps the system well conditioned.
 
     R is either ``mode="anchor"`` (default): the read state of the token-aligned prompt with the anchor word in place

@@ -36,9 +36,9 @@ from .models import load_clip, load_pipeline, resolve
 
 logger = logging.getLogger(__name__)
 PATCH_NAME = "erase_patch.safetensors"
-# the text tower only: the vision tower shares these module names
 # the token terms run every TOKEN_SUBSAMPLE-th prompt of a batch at the later (padding) positions too
 TOKEN_SUBSAMPLE = 8
+# the text tower only: the vision tower shares these module names
 TEXT_TARGETS = r".*text_model\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc1|mlp\.fc2)"
 
 

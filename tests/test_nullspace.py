@@ -99,6 +99,7 @@ def test_multi_layer_edit_keeps_protection_and_reaches_the_anchor(sd):
     te, tok = sd.text_encoder, sd.tokenizer
     layers = ns.edit_layers(te, penultimate=False, depth=2)
     assert layers == [0, 1]
+    before = {k: v.clone() for k, v in te.state_dict().items()}
     edits = ns.encoder_edits(te, tok, ["circle"], ["square"], layers=layers, protect_prompts=PROTECTED,
                              prompts=PROMPTS, anchor="star")
     new = copy.deepcopy(te)
@@ -109,7 +110,7 @@ def test_multi_layer_edit_keeps_protection_and_reaches_the_anchor(sd):
     target = ns.conditioning(te, tok, ANCHORED)
     d0 = (ns.conditioning(te, tok, CONCEPT) - target).norm()
     assert (ns.conditioning(new, tok, CONCEPT) - target).norm() < 0.2 * d0
-    assert torch.equal(ns.conditioning(te, tok, CONCEPT), ns.conditioning(copy.deepcopy(te), tok, CONCEPT))
+    assert all(torch.equal(v, before[k]) for k, v in te.state_dict().items())  # the encoder is left bit for bit
     with pytest.raises(ValueError, match="depth must lie"):
         ns.edit_layers(te, penultimate=False, depth=3)
 

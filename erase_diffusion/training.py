@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor
 
 from . import cliperase, data as pair_data
-from .atomic import write_json
+from .atomic import check_output, write_json
 from .concepts import ConceptSpec, miniworld_spec
 from .measure import features, image_embeddings
 from .models import load_clip, load_pipeline, resolve
@@ -53,8 +54,6 @@ def concept_spec(args) -> ConceptSpec:
 
 def check_arguments(args) -> None:
     """Cheap refusals of settings that would crash late (ZeroDivisionError) or silently write a useless patch."""
-    import math
-
     for name in ("train_batch_size", "max_train_steps", "checkpointing_steps", "gradient_accumulation_steps", "rank"):
         value = getattr(args, name, 1)
         if value is not None and value < 1:
@@ -74,11 +73,8 @@ def check_arguments(args) -> None:
 
 def check_output_dir(args) -> None:
     out = Path(args.output_dir)
-    for folder in (out, *out.parents):  # the nearest existing ancestor must be a folder we can write into
-        if folder.exists():
-            if not folder.is_dir():
-                raise ValueError(f"--output_dir {out}: {folder} is a file, not a folder")
-            break
+    # a parent that is a file, or a file where the folder goes; what an existing folder may hold is decided below
+    check_output(out, folder=True, overwrite=True, option="--output_dir")
     if args.resume_from_checkpoint or not out.exists() or getattr(args, "overwrite", False):
         return
     if (out / PATCH_NAME).exists() or any(out.glob("checkpoint-*")):

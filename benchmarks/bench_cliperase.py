@@ -20,10 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from train_erase import parse_args  # noqa: E402
-
 from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
-from erase_diffusion.training import train  # noqa: E402
+from erase_diffusion.training import main as train_main  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {  # name: extra train_erase.py arguments
@@ -55,7 +53,7 @@ def main():
                     "--validation_steps", "0", *extra]
             if args.steps:
                 argv += ["--max_train_steps", str(args.steps)]
-            metrics = train(parse_args(argv))
+            metrics = train_main(argv)
         rows[name] = {k: v for k, v in metrics.items() if k not in ("patch", "terms")}
         print(f"{name}: {json.dumps(rows[name])}", flush=True)
 

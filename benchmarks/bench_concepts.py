@@ -39,13 +39,12 @@ MULTI = ["heart+triangle", "circle+red+striped+square", "circle+square+triangle+
 
 
 def run_cliperase(concepts: list[str], out: Path) -> tuple[Path, float]:
-    from train_erase import parse_args
-    from erase_diffusion.training import train
+    from erase_diffusion.training import main
 
-    args = parse_args(["--erase_concept", *concepts, "--output_dir", str(out), "--validation_steps", "0",
-                       "--report_to", "none", "--eval_generations", "0"])
+    argv = ["--erase_concept", *concepts, "--output_dir", str(out), "--validation_steps", "0", "--report_to", "none",
+            "--eval_generations", "0"]
     t0 = time.perf_counter()
-    metrics = train(args)
+    metrics = main(argv)
     return Path(metrics["patch"]), time.perf_counter() - t0
 
 

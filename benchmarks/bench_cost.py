@@ -76,16 +76,17 @@ def real_clip(text: dict):
 
 
 def cliperase_step(texts: list[dict], tok, batch: int, gradient_checkpointing: bool = False, rank: int = 8) -> dict:
-    """One optimisation step of the project's own objective (``training.EraseObjective``: the three CLIPErase
+    """One optimisation step of the project's own objective (``cliperase.EraseObjective``: the three CLIPErase
     modules + token terms, the original model's passes included) with ``train_erase.py``'s LoRA on every text tower in ``texts``
     (SD 1.5: CLIP-L, last layer; SDXL: CLIP-L + bigG, penultimate layer and bigG's pooled embedding).
     Times the second step (the first warms up). Run it in its own process (``isolated``): the peak is per process."""
     import argparse
 
-    from erase_diffusion.cliperase import LossWeights
+    from erase_diffusion.cliperase import EraseObjective, LossWeights, TextTower, original, original_outputs
     from erase_diffusion.concepts import ConceptSpec
+    from erase_diffusion.config import CLIPEraseConfig
     from erase_diffusion.data import prompt_sets
-    from erase_diffusion.training import EraseObjective, TextTower, make_trainable, original, original_outputs
+    from erase_diffusion.training import make_trainable
 
     sdxl = len(texts) == 2
     names = ["text_encoder", "text_encoder_2"][: len(texts)]
@@ -100,13 +101,13 @@ def cliperase_step(texts: list[dict], tok, batch: int, gradient_checkpointing: b
         towers.append(TextTower(name, "random", tok, "", layer=-2 if sdxl else -1, pooled=name == "text_encoder_2",
                                 forget_img=torch.randn(64, dim, generator=g), retain_img=torch.randn(64, dim, generator=g)))
         students[name] = student
-    model = EraseObjective(students, towers, LossWeights(), "dot")
+    model = EraseObjective(students, towers, LossWeights.of(CLIPEraseConfig()), "dot")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     prompts = prompt_sets(ConceptSpec(["apple"], keep=["pear", "banana"], anchor="fruit"), miniworld=False)
     caption = prompts["forget"][:batch]
     idx = torch.arange(batch) % 64
-    # the original model's outputs are computed once before training (training.original_outputs), not per step
+    # the original model's outputs are computed once before training (cliperase.original_outputs), not per step
     for tower in towers:
         with original(students[tower.name], tower) as ref:
             tower.retain_txt = original_outputs(ref, tower, prompts["retain"][:64], "cpu", pooled_only=True)

@@ -17,7 +17,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from _record import write_json  # adds the "meta" block (commit, command, started, finished)
-from erase_diffusion.patch import LoraFactors, describe_patch, fingerprint, load_patch, save_patch
+from erase_diffusion.patch import LoraFactors, describe_patch, fingerprint, load_patch, write_patch
 
 FULL_ENCODER_BYTES = 0.49e9  # AdvUnlearn ships a whole fp32 CLIP-L text encoder (~0.49e9 bytes = 0.46 GiB)
 
@@ -57,8 +57,8 @@ def main() -> None:
             lay = {m: LoraFactors(f.A.to(dtype), f.B.to(dtype)) for m, f in layers.items()}
             path = Path(tmp) / f"patch_{str(dtype).split('.')[-1]}.safetensors"
             t0 = time.perf_counter()
-            save_patch(path, {"text_encoder": lay}, method="benchmark", settings={"rank": args.rank}, erased=["x"],
-                       protected=[], base_model="clip-l-sized-random", fingerprints={"text_encoder": fp})
+            write_patch(path, {"text_encoder": lay}, method="benchmark", settings={"rank": args.rank}, erased=["x"],
+                        protected=[], base_model="clip-l-sized-random", fingerprints={"text_encoder": fp})
             t_save = time.perf_counter() - t0
             t0 = time.perf_counter()
             load_patch(path)

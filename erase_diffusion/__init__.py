@@ -8,9 +8,11 @@ __version__ = "0.1.0"
 
 from . import threads as _threads  # noqa: E402,F401  first: sets OMP_WAIT_POLICY=PASSIVE before torch loads
 from .concepts import ConceptSpec, miniworld_spec  # noqa: E402
+from .config import CLIPEraseConfig  # noqa: E402
 from .models import load_clip, load_judge, load_pipeline, resolve  # noqa: E402
 from .nullspace import erase  # noqa: E402
 from .patch import (  # noqa: E402
+    Edit,
     LoraFactors,
     Patch,
     PatchError,
@@ -25,6 +27,16 @@ from .patch import (  # noqa: E402
 
 __all__ = [
     "ConceptSpec", "miniworld_spec", "load_clip", "load_judge", "load_pipeline", "resolve", "erase",
-    "LoraFactors", "Patch", "PatchError", "apply_to_clip", "describe_patch", "export_kohya", "factors_from_delta",
+    "CLIPEraseConfig", "train_cliperase", "Edit", "LoraFactors", "Patch", "PatchError", "apply_to_clip", "describe_patch", "export_kohya", "factors_from_delta",
     "fingerprint", "load_patch", "save_patch",
 ]
+
+
+def __getattr__(name: str):
+    """``train_cliperase`` (``training.train``) on first use: the training stack (Accelerate, peft) adds about 2 s to
+    every ``import erase_diffusion``, the command line's included, that only training needs."""
+    if name == "train_cliperase":
+        from .training import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,15 +4,23 @@ Diffusion needs.
 CLIP's losses act on the pooled, projected embedding; Stable Diffusion reads the per-token hidden states. The
 ``token_*`` terms act on those states: ``token_forgetting`` pulls prompts naming the concept toward the same prompt
 with an anchor concept, ``token_consistency`` keeps retain prompts' states equal to the original model's.
-benchmarks/bench_cliperase.py measures what each term buys.
+benchmarks/bench_cliperase.py measures what each term buys. ``EraseObjective`` is the whole objective on the
+trainable CLIPs (one ``TextTower`` per text encoder), as ``training.train`` optimises it.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+
+from .measure import features
+
+# the token terms run every TOKEN_SUBSAMPLE-th prompt of a batch at the later (padding) positions too
+TOKEN_SUBSAMPLE = 8
 
 
 def forgetting_dot(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
@@ -59,10 +67,171 @@ def token_consistency(states: torch.Tensor, ref_states: torch.Tensor) -> torch.T
 
 @dataclass
 class LossWeights:
-    """Paper weights: retention 1, forgetting 3, consistency 3. The token terms are this project's addition."""
+    """The weight of each term (0 switches it off); the defaults are ``CLIPEraseConfig``'s (``of``)."""
 
-    forget: float = 3.0
-    retain: float = 1.0
-    consistency: float = 3.0
-    token_forget: float = 1.0
-    token_consistency: float = 10.0
+    forget: float
+    retain: float
+    consistency: float
+    token_forget: float
+    token_consistency: float
+
+    @classmethod
+    def of(cls, config) -> "LossWeights":
+        return cls(config.forget_weight, config.retain_weight, config.consistency_weight, config.token_forget_weight,
+                   config.token_consistency_weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the objective on the models: one TextTower per text encoder, the trainable CLIPs, the original model's outputs
+
+
+@dataclass
+class TextTower:
+    """One text encoder of the pipeline, with the CLIP whose text tower it is (its vision tower embeds the images).
+
+    ``layer``/``pooled`` say what the pipeline reads: SD 1/2 the last hidden state; SDXL the penultimate layer of
+    both encoders and, from the second, the projected pooled embedding too.
+    """
+
+    name: str  # patch component: "text_encoder" or "text_encoder_2"
+    clip: str  # the CLIP model it belongs to (name, folder or Hub id)
+    tokenizer: object
+    fingerprint: str  # of the original text tower, recorded in the patch
+    teacher: torch.nn.Module | None = None  # frozen copy of the original, needed only by full fine-tuning
+    layer: int = -1
+    pooled: bool = False
+    forget_img: torch.Tensor | None = None  # image embeddings by the frozen vision tower
+    retain_img: torch.Tensor | None = None
+    retain_txt: torch.Tensor | None = None  # the original's pooled embeddings of every retain caption (consistency)
+    targets: dict | None = None  # the original's read states of the anchor / retain prompts: {set: (states, pooled)}
+    fit: int = 77  # token positions every prompt of the token terms runs at (the rest: a subsample, TOKEN_SUBSAMPLE)
+    forget_pixels: torch.Tensor | None = None  # kept only when the vision tower trains
+    retain_pixels: torch.Tensor | None = None
+    clip_difference: float = 0.0  # relative weight difference between the CLIP's text tower and the pipeline's encoder
+
+
+@contextmanager
+def original(student, tower: TextTower):
+    """The original model: the frozen copy when there is one (full fine-tuning), else the student with its LoRA
+    scaled to zero — base outputs exactly (+0.0), without a second copy of the weights in memory."""
+    if tower.teacher is not None:
+        yield tower.teacher
+        return
+    layers = [m for m in student.modules() if isinstance(m, LoraLayer)]
+    for m in layers:
+        m.scale_layer(0.0)
+    try:
+        yield student
+    finally:
+        for m in layers:
+            m.unscale_layer()  # back to lora_alpha / r
+
+
+def encode_pooled(model, tokenizer, texts: list[str], device) -> torch.Tensor:
+    """CLIP's projected pooled embedding (what the CLIPErase losses and zero-shot use).
+
+    It sits at the end-of-text token, which the causal mask shields from padding, so padding to the longest prompt
+    gives the same value as padding to 77 with 4-6x fewer positions.
+    """
+    ids = tokenizer(texts, padding="longest", truncation=True, return_tensors="pt").input_ids.to(device)
+    return model.text_projection(model.text_model(input_ids=ids).pooler_output)
+
+
+def encode_read(model, tokenizer, texts: list[str], device, layer: int = -1, pooled: bool = False,
+                length: int | None = None):
+    """What a pipeline reads from this text encoder, computed as diffusers' ``encode_prompt`` does (padded to 77, no
+    attention mask): per-token states of ``layer`` (-1: after the final layer norm), and with ``pooled`` the projected
+    pooled embedding (SDXL's second encoder). ``length`` < 77: only the first positions, which the causal encoder
+    computes exactly from the shorter pass (every prompt must fit, end token included)."""
+    ids = tokenizer(texts, padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    out = model.text_model(input_ids=ids, output_hidden_states=layer != -1)
+    states = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+    return states, (model.text_projection(out.pooler_output) if pooled else None)
+
+
+class EraseObjective(torch.nn.Module):
+    """The trainable CLIPs (one per text encoder) and the whole objective in ``forward``.
+
+    The loss is computed inside ``forward`` so that Accelerate's DDP wrapper sees one forward per backward and
+    all-reduces the gradients; calling the unwrapped model would silently train each replica on its own.
+    The original model's outputs come from ``original`` (no gradients), so nothing frozen is wrapped or checkpointed.
+    """
+
+    def __init__(self, students: dict, towers: list[TextTower], weights: LossWeights, forget_loss: str,
+                 train_vision: bool = False):
+        super().__init__()
+        self.students = torch.nn.ModuleDict(students)
+        self.towers, self.weights, self.forget_loss, self.train_vision = towers, weights, forget_loss, train_vision
+
+    def forward(self, batch: dict):
+        total, terms = 0.0, {}
+        for tower in self.towers:
+            loss, parts = self.tower_loss(self.students[tower.name], tower, batch)
+            total = total + loss
+            prefix = "" if len(self.towers) == 1 else f"{tower.name}/"
+            terms.update({prefix + k: v.detach() for k, v in parts.items()})
+        return total, terms
+
+    def image_side(self, student, tower: TextTower, which: str, idx: torch.Tensor) -> torch.Tensor:
+        if self.train_vision:
+            pixels = getattr(tower, f"{which}_pixels")[idx.cpu()].to(idx.device)
+            return features(student.get_image_features(pixel_values=pixels))
+        return getattr(tower, f"{which}_img")[idx]
+
+    def tower_loss(self, student, tower: TextTower, batch: dict):
+        """CLIPErase's three modules on image–text pairs, plus the token-level terms on what the pipeline reads."""
+        w, tok = self.weights, tower.tokenizer
+        device = batch["fi"].device
+        scale = student.logit_scale.exp().detach()  # never trained
+        terms = {}
+        if w.forget:
+            f_img = self.image_side(student, tower, "forget", batch["fi"])
+            f_txt = encode_pooled(student, tok, batch["forget_captions"], device)
+            terms["forget"] = (forgetting_dot(f_img, f_txt) if self.forget_loss == "dot"
+                               else forgetting_neg_contrastive(f_img, f_txt, scale))
+        if w.retain or w.consistency:
+            r_img = self.image_side(student, tower, "retain", batch["ri"])
+            r_txt = encode_pooled(student, tok, batch["retain_captions"], device)
+            if w.retain:
+                terms["retain"] = retention(r_img, r_txt, scale)
+            if w.consistency:
+                ref_txt = tower.retain_txt[batch["ri"]]
+                terms["consistency"] = consistency(r_img, r_txt, tower.retain_img[batch["ri"]], ref_txt, scale)
+        for name, prompts, idx, targets in (("token_forget", "forget_prompts", "pi", "anchor"),
+                                            ("token_consistency", "retain_prompts", "qi", "retain")):
+            if getattr(w, name):
+                term = token_forgetting if name == "token_forget" else token_consistency
+                terms[name] = self.token_term(student, tower, term, batch[prompts], batch[idx], *tower.targets[targets])
+        return sum(getattr(w, name) * value for name, value in terms.items()), terms
+
+    def token_term(self, student, tower: TextTower, term, prompts: list[str], idx: torch.Tensor, ref_states, ref_pooled):
+        """``term`` over the 77 positions the pipeline reads, against the original's precomputed states: every prompt
+        at the first ``tower.fit`` positions (words, end token, first padding), every ``TOKEN_SUBSAMPLE``-th prompt
+        also at the later (padding) positions; each part weighted by its share of the positions, so the estimate's
+        expectation is the full-length term at a fraction of the cost."""
+        tok, device, full = tower.tokenizer, idx.device, ref_states.shape[1]
+        ref = ref_states[idx]
+        states, pooled = encode_read(student, tok, prompts, device, tower.layer, tower.pooled, length=tower.fit)
+        loss = term(states, ref[:, : tower.fit]) * (tower.fit / full)
+        if tower.fit < full:
+            late, _ = encode_read(student, tok, prompts[::TOKEN_SUBSAMPLE], device, tower.layer)
+            loss = loss + term(late[:, tower.fit :], ref[::TOKEN_SUBSAMPLE, tower.fit :]) * ((full - tower.fit) / full)
+        if tower.pooled:
+            loss = loss + term(pooled, ref_pooled[idx])
+        return loss
+
+
+@torch.no_grad()
+def original_outputs(ref, tower: TextTower, texts: list[str], device, pooled_only: bool = False, batch: int = 64):
+    """The original model's pooled embeddings of ``texts`` (``pooled_only``), or its read states and pooled
+    embeddings (None unless the tower reads it) at all 77 positions, in batches."""
+    outs = []
+    for i in range(0, len(texts), batch):
+        chunk = texts[i : i + batch]
+        outs.append(encode_pooled(ref, tower.tokenizer, chunk, device) if pooled_only
+                    else encode_read(ref, tower.tokenizer, chunk, device, tower.layer, tower.pooled))
+    if pooled_only:
+        return torch.cat(outs)
+    return torch.cat([s for s, _ in outs]), (torch.cat([p for _, p in outs]) if tower.pooled else None)
+

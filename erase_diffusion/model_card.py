@@ -1,12 +1,14 @@
-"""A model card beside each patch (``huggingface_hub.ModelCard``), and a tiny Hub upload helper."""
+"""The model card beside each patch (``huggingface_hub.ModelCard``): ``patch.save_patch`` writes it as
+``<patch>.md`` from the patch's description (``patch.describe_patch``) and the run's figures."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from huggingface_hub import ModelCard, ModelCardData
+
 from .atomic import write_atomic
-from .patch import describe_patch
 
 SCOPE = (
     "This patch changes only the CLIP text encoder(s); the UNet is untouched. Text-encoder-only erasure is weakest "
@@ -16,15 +18,30 @@ SCOPE = (
 )
 
 
-def write_model_card(patch_path, figures: dict | None = None, output=None, license: str = "apache-2.0") -> Path:
-    """Write ``<patch>.md`` (or ``output``): what was erased / protected, method, base, figures, scope, fingerprint."""
-    from huggingface_hub import ModelCard, ModelCardData
+def card_path(patch_path) -> Path:
+    """Where the card of a patch goes: beside it, ``erase_patch.safetensors`` → ``erase_patch.md``."""
+    return Path(patch_path).with_suffix(".md")
 
-    d = describe_patch(patch_path)
+
+def figure_rows(figures: dict) -> list[tuple[str, object]]:
+    """The numbers among ``figures`` as (name, value) rows, one level of nesting flattened (``terms.forget``);
+    paths and other text are left out of the card's table."""
+    rows = []
+    for key, value in sorted(figures.items()):
+        items = sorted(value.items()) if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                rows.append((key if sub is None else f"{key}.{sub}", v))
+    return rows
+
+
+def write_model_card(d: dict, output, figures: dict | None = None, license: str = "apache-2.0") -> Path:
+    """Write the card of the patch described by ``d`` (``describe_patch``) to ``output``, atomically: what was
+    erased / protected, method, base, figures (the patch header's and ``figures``), scope, fingerprint."""
     figures = {**(d.get("figures") or {}), **(figures or {})}
     data = ModelCardData(license=license, library_name="diffusers", tags=["lora", "concept-erasure", "text-encoder"],
                          base_model=d["base_model"])
-    fig_rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(figures.items())) or "| (none measured) | |"
+    fig_rows = "\n".join(f"| {k} | {v} |" for k, v in figure_rows(figures)) or "| (none measured) | |"
     kohya = "no" if d["kind"] == "full" or "clip" in d["components"] else "yes (`erase-diffusion export-kohya`)"
     content = f"""---
 {data.to_yaml()}
@@ -58,8 +75,7 @@ pipe.set_adapters("erase", adapter_weights=1.0)  # strength; disable_lora() for 
 
 {SCOPE}
 """
-    card = ModelCard(content)
-    out = Path(output) if output else Path(patch_path).with_suffix(".md")
-    write_atomic(out, str(card))
+    out = Path(output)
+    write_atomic(out, str(ModelCard(content)))
     return out
 

@@ -745,8 +745,12 @@ def erase(
         settings.update({"anchor": anchor, "penultimate": penultimate,
                          "depth": depth, "stats": {c: [e.stats for e in es] for c, es in edits.items()}})
         method = "nullspace"
-    return save_patch(output, layers, method=method, settings=settings, erased=concepts, protected=protect,
-                      base_model=str(model), fingerprints=fingerprints)
+    # local only so that issue 14's change touches just this call; belongs in the module's imports
+    from .concepts import ConceptSpec
+    from .patch import Edit
+
+    return save_patch(Edit(method, layers, settings, fingerprints), ConceptSpec(list(concepts), keep=list(protect)),
+                      str(model), output)
 
 
 # -------------------------------------------------------------------------------------------------------------- CLI

@@ -35,13 +35,17 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from . import __version__
+from .atomic import atomic_path
+from .concepts import ConceptSpec
+from .model_card import card_path, write_model_card
 
 FORMAT_VERSION = 1
 META_PREFIX = "erase_diffusion."
@@ -70,6 +74,24 @@ class LoraFactors:
 
     def delta(self) -> Tensor:
         return self.B.float() @ self.A.float()
+
+
+@dataclass
+class Edit:
+    """What an erasure method returns: the weight change, and what the patch and its model card should record.
+
+    ``layers``: component (``text_encoder``, ``text_encoder_2``, ``clip``) → module path (``text_model.``-spelled for
+    text encoders) → LoRA factors with ΔW = B @ A. ``settings``: the method's settings, stored in the patch header.
+    ``fingerprints``: component → ``fingerprint`` of the original module the change applies to. ``figures``: this
+    run's measurements (timings, final loss, …), written to the model card only, so that the patch's bytes depend on
+    the weights and settings alone.
+    """
+
+    method: str
+    layers: dict[str, dict[str, LoraFactors]]
+    settings: dict = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -196,16 +218,27 @@ def _lora_config(component: str, mods: dict[str, LoraFactors]) -> dict:
 
 def _save_atomic(tensors: dict[str, Tensor], path, meta: dict[str, str]) -> Path:
     """safetensors to a temp file beside ``path``, then rename: a reader never sees a half-written file."""
-    from safetensors.torch import save_file
-
-    from .atomic import atomic_path
-
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
     return Path(path)
 
 
-def save_patch(
+def save_patch(edit: Edit, spec: ConceptSpec, base_model: str, path) -> Path:
+    """Write ``edit`` as a patch for ``base_model`` to ``path`` and its model card beside it (``<patch>.md``), each
+    atomically; returns the patch's path. ``spec`` names what was erased and protected (``spec.erase``,
+    ``spec.keep``). This is what every method's result goes through."""
+    path = write_patch(path, edit.layers, method=edit.method, settings=edit.settings, erased=spec.erase,
+                       protected=spec.keep, base_model=base_model, fingerprints=edit.fingerprints)
+    write_card(path, edit.figures)
+    return path
+
+
+def write_card(path, figures: dict | None = None) -> Path:
+    """(Re)write the model card beside the patch at ``path`` from the patch's own metadata plus ``figures``."""
+    return write_model_card(describe_patch(path), card_path(path), figures)
+
+
+def write_patch(
     path,
     layers: dict[str, dict[str, LoraFactors]],
     *,
@@ -216,9 +249,9 @@ def save_patch(
     base_model: str,
     fingerprints: dict[str, str],
     full: dict[str, dict[str, Tensor]] | None = None,
-    figures: dict | None = None,
 ) -> Path:
-    """Write a patch atomically (temp file + ``os.replace``); returns its path.
+    """The file format: write a patch atomically (temp file + ``os.replace``), no model card; returns its path.
+    Methods call ``save_patch``; this is for tools and tests that build a file directly (full mode included).
 
     ``layers``: component → module path (``text_model.``-spelled for text encoders) → factors. ``full``: component →
     module path → dense ΔW (out, in); a file with any makes a full-mode patch (see the module docstring).
@@ -273,8 +306,6 @@ def save_patch(
         f"{META_PREFIX}lora_alpha": "rank",  # alpha == r for every module: scale 1, ΔW = B @ A
         f"{META_PREFIX}version": __version__,
     }
-    if figures:
-        meta[f"{META_PREFIX}figures"] = json.dumps(figures, sort_keys=True, default=str)
     if adapter_meta:
         meta["lora_adapter_metadata"] = json.dumps(adapter_meta, indent=2, sort_keys=True)
     meta[f"{META_PREFIX}sha256"] = _content_sha256(tensors)  # verified by load_patch: catches flipped tensor bytes
@@ -295,7 +326,7 @@ MAX_ABS = 1e3
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _JSON_FIELDS = {"settings": dict, "erased": list, "protected": list, "fingerprints": dict, "ranks": dict,
                 "figures": dict}
-# the LoraConfig fields save_patch writes (checked one by one in _check_adapter_metadata) ...
+# the LoraConfig fields write_patch writes (checked one by one in _check_adapter_metadata) ...
 _LORA_FIELDS = {"r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "lora_dropout", "bias",
                 "use_dora", "lora_bias", "use_rslora"}
 # ... and other LoraConfig fields a tool may add, accepted at these values (anything else must be off: None / False /
@@ -307,7 +338,7 @@ _LORA_FREE_TEXT = {"peft_version", "base_model_name_or_path", "revision"}
 
 
 def _content_sha256(tensors: dict[str, Tensor]) -> str:
-    """sha256 of every tensor's name, dtype, shape and bytes, in key order: written by save_patch, checked on load."""
+    """sha256 of every tensor's name, dtype, shape and bytes, in key order: written by write_patch, checked on load."""
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()

@@ -32,7 +32,7 @@ def tiny_setup(patch_dir: Path):
     import torch
     from tiny_models import sd_pipeline
 
-    from erase_diffusion.patch import LoraFactors, fingerprint, save_patch
+    from erase_diffusion.patch import LoraFactors, fingerprint, write_patch
 
     pipe = sd_pipeline()
     g = torch.Generator().manual_seed(0)
@@ -42,9 +42,9 @@ def tiny_setup(patch_dir: Path):
         lin = layer.self_attn.out_proj
         layers[f"text_model.encoder.layers.{i}.self_attn.out_proj"] = LoraFactors(
             A=torch.randn(2, lin.in_features, generator=g) * 0.5, B=torch.randn(lin.out_features, 2, generator=g) * 0.5)
-    save_patch(patch_dir / "erase-circle.safetensors", {"text_encoder": layers}, method="test", settings={},
-               erased=["circle"], protected=[], base_model="tiny",
-               fingerprints={"text_encoder": fingerprint(pipe.text_encoder)})
+    write_patch(patch_dir / "erase-circle.safetensors", {"text_encoder": layers}, method="test", settings={},
+                erased=["circle"], protected=[], base_model="tiny",
+                fingerprints={"text_encoder": fingerprint(pipe.text_encoder)})
     return pipe
 
 

@@ -17,7 +17,6 @@ erasure.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,12 +29,7 @@ from erase_diffusion.models import load_clip, load_judge, load_pipeline
 from erase_diffusion.nullspace import erase
 from erase_diffusion.patch import apply_to_clip
 from erase_diffusion.pipelines.loading import load_patches
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from train_erase import parse_args  # noqa: E402
-
-from erase_diffusion.training import train  # noqa: E402
+from erase_diffusion.training import main
 
 pytestmark = pytest.mark.slow  # generates images with the trained miniature world
 
@@ -102,9 +96,9 @@ def test_base_world_shows_the_concept(world):
 @pytest.fixture(scope="module")
 def cliperase_patch(tmp_path_factory):
     out = tmp_path_factory.mktemp("cliperase")
-    metrics = train(parse_args(["--erase_concept", CONCEPT, "--max_train_steps", str(CLIPERASE_STEPS),
-                                "--validation_steps", "0", "--report_to", "none", "--eval_generations", "0",
-                                "--checkpointing_steps", "1000", "--output_dir", str(out)]))
+    metrics = main(["--erase_concept", CONCEPT, "--max_train_steps", str(CLIPERASE_STEPS),
+                    "--validation_steps", "0", "--report_to", "none", "--eval_generations", "0",
+                    "--checkpointing_steps", "1000", "--output_dir", str(out)])
     return Path(metrics["patch"])
 
 

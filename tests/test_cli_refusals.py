@@ -26,13 +26,13 @@ class Expensive(AssertionError):
 def _write_patches(folder: Path) -> dict[str, Path]:
     from tiny_models import sd_pipeline
 
-    from erase_diffusion.patch import LoraFactors, fingerprint, save_patch
+    from erase_diffusion.patch import LoraFactors, fingerprint, write_patch
 
     te = sd_pipeline().text_encoder
     q = te.encoder.layers[0].self_attn.q_proj
     g = torch.Generator().manual_seed(0)
     good = folder / "good.safetensors"
-    save_patch(good, {"text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj": LoraFactors(
+    write_patch(good, {"text_encoder": {"text_model.encoder.layers.0.self_attn.q_proj": LoraFactors(
         torch.randn(2, q.in_features, generator=g), torch.randn(q.out_features, 2, generator=g))}}, method="t",
         settings={}, erased=["circle"], protected=[], base_model="tiny", fingerprints={"text_encoder": fingerprint(te)})
     with safe_open(str(good), framework="pt") as fh:
@@ -155,13 +155,10 @@ def run_case(argv: list[str]) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         if argv[0] == "train":
-            sys.path.insert(0, str(ROOT))
-            from train_erase import parse_args
-
-            from erase_diffusion.training import train
+            from erase_diffusion.training import main as train_main
 
             try:
-                train(parse_args(argv[1:] + ["--report_to", "none"]))
+                train_main(argv[1:] + ["--report_to", "none"])
                 code = 0
             except (ValueError, FloatingPointError, OSError) as e:  # what train_erase.py turns into exit status 2
                 print(f"train_erase.py: error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
 from erase_diffusion.patch import (
     LoraFactors, PatchError, apply_to_clip, describe_patch, export_kohya, factors_from_delta, fingerprint, load_patch,
-    save_patch,
+    write_patch,
 )
 
 
@@ -197,13 +197,13 @@ def test_save_patch_refuses_bad_layers(tmp_path):
     ok = random_factors(te, "text_encoder")
     kw = dict(method="t", settings={}, erased=[], protected=[], base_model="b", fingerprints={})
     with pytest.raises(PatchError, match="MLP-only"):
-        save_patch(tmp_path / "a.safetensors", {"text_encoder": random_factors(te, "te", targets=("mlp.fc1",))}, **kw)
+        write_patch(tmp_path / "a.safetensors", {"text_encoder": random_factors(te, "te", targets=("mlp.fc1",))}, **kw)
     with pytest.raises(PatchError, match="text_model"):
-        save_patch(tmp_path / "a.safetensors", {"text_encoder": {k.removeprefix("text_model."): v for k, v in ok.items()}}, **kw)
+        write_patch(tmp_path / "a.safetensors", {"text_encoder": {k.removeprefix("text_model."): v for k, v in ok.items()}}, **kw)
     with pytest.raises(PatchError, match="do not form"):
-        save_patch(tmp_path / "a.safetensors", {"text_encoder": {next(iter(ok)): LoraFactors(torch.zeros(2, 4), torch.zeros(4, 3))}}, **kw)
+        write_patch(tmp_path / "a.safetensors", {"text_encoder": {next(iter(ok)): LoraFactors(torch.zeros(2, 4), torch.zeros(4, 3))}}, **kw)
     with pytest.raises(PatchError, match="component 'clip'"):
-        save_patch(tmp_path / "a.safetensors", {"text_encoder": dict(ok, **{"text_model.final_layer_norm": LoraFactors(torch.zeros(1, 2), torch.zeros(2, 1))})}, **kw)
+        write_patch(tmp_path / "a.safetensors", {"text_encoder": dict(ok, **{"text_model.final_layer_norm": LoraFactors(torch.zeros(1, 2), torch.zeros(2, 1))})}, **kw)
     assert not list(tmp_path.iterdir())
 
 
@@ -237,8 +237,8 @@ def test_apply_to_clip_matches_pipeline_loader(tmp_path):
     layers = {"text_encoder": random_factors(te, "text_encoder"),
               "clip": {"visual_projection": LoraFactors(torch.randn(1, 32, generator=g), torch.randn(16, 1, generator=g))}}
     path = tmp_path / "c.safetensors"
-    save_patch(path, layers, method="t", settings={}, erased=[], protected=[], base_model="b",
-               fingerprints={"text_encoder": fingerprint(te)})
+    write_patch(path, layers, method="t", settings={}, erased=[], protected=[], base_model="b",
+                fingerprints={"text_encoder": fingerprint(te)})
     vis = clip.visual_projection.weight.clone()
     with torch.no_grad():
         for m, f in layers["text_encoder"].items():
@@ -288,13 +288,34 @@ def test_export_kohya_refuses_full_mode(tmp_path):
 def test_model_card(tmp_path):
     from huggingface_hub import ModelCard
 
-    from erase_diffusion.model_card import write_model_card
+    from erase_diffusion.patch import write_card
 
     path = tmp_path / "p.safetensors"
     make_patch(sd_pipeline(), path)
-    card_path = write_model_card(path, figures={"forgetting_accuracy_drop": 0.91})
+    card_path = write_card(path, figures={"forgetting_accuracy_drop": 0.91, "terms": {"forget": -0.5},
+                                          "grid": "not/a/figure.png"})
     text = card_path.read_text()
     assert card_path == tmp_path / "p.md"
+    assert "| terms.forget | -0.5 |" in text and "not/a/figure.png" not in text
     assert "cat" in text and "dog" in text and "forgetting_accuracy_drop" in text and "textual-inversion" in text
     assert load_patch(path).metadata["fingerprints"]["text_encoder"] in text
     assert ModelCard.load(card_path).data.license == "apache-2.0"
+
+
+def test_save_patch_writes_the_edit_and_its_model_card(tmp_path):
+    """The one writer every method goes through: an ``Edit`` and a ``ConceptSpec`` → the patch and, beside it, the
+    model card (atomically, no temp file left) with the edit's figures."""
+    from erase_diffusion.concepts import ConceptSpec
+    from erase_diffusion.patch import Edit, save_patch
+
+    pipe = sd_pipeline()
+    edit = Edit("test", {"text_encoder": random_factors(pipe.text_encoder, "text_encoder")}, settings={"seed": 1},
+                fingerprints={"text_encoder": fingerprint(pipe.text_encoder)}, figures={"train_seconds": 1.5})
+    path = save_patch(edit, ConceptSpec(["cat"], keep=["dog"]), "tiny", tmp_path / "p.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.md", "p.safetensors"]
+    md = load_patch(path).metadata
+    assert (md["method"], md["settings"], md["erased"], md["protected"], md["base_model"]) == (
+        "test", {"seed": 1}, ["cat"], ["dog"], "tiny")
+    assert "figures" not in md  # run measurements go to the card, not the header
+    card = (tmp_path / "p.md").read_text()
+    assert "| train_seconds | 1.5 |" in card and md["fingerprints"]["text_encoder"] in card

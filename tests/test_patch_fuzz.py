@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from erase_diffusion.patch import (
-    LoraFactors, PatchError, _content_sha256, apply_to_clip, describe_patch, fingerprint, save_patch,
+    LoraFactors, PatchError, _content_sha256, apply_to_clip, describe_patch, fingerprint, write_patch,
 )
 from erase_diffusion.pipelines.loading import load_patches
 
@@ -53,8 +53,8 @@ def base_patches(pipe, folder: Path) -> list[Path]:
     kw = dict(method="fuzz", settings={"seed": 0}, erased=["cat"], protected=["dog"], base_model="tiny",
               fingerprints={"text_encoder": fingerprint(te)})
     lora, full = folder / "base_lora.safetensors", folder / "base_full.safetensors"
-    save_patch(lora, {"text_encoder": layers}, **kw)
-    save_patch(full, {"text_encoder": dict(list(layers.items())[:2])}, full={"text_encoder": {
+    write_patch(lora, {"text_encoder": layers}, **kw)
+    write_patch(full, {"text_encoder": dict(list(layers.items())[:2])}, full={"text_encoder": {
         "text_model.encoder.layers.1.mlp.fc2": delta}}, **kw)
     return [lora, full]
 
@@ -298,8 +298,8 @@ def mutate(rng: random.Random, category: str, src: Path, dst: Path) -> str:
             mods = {m: LoraFactors(torch.zeros_like(f.A), torch.zeros_like(f.B)) for m, f in mods.items()}
         layers["text_encoder"] = mods
         md = p.metadata
-        save_patch(dst, layers, full=full, method="fuzz", settings=md["settings"], erased=md["erased"],
-                   protected=md["protected"], base_model=md["base_model"], fingerprints=md["fingerprints"])
+        write_patch(dst, layers, full=full, method="fuzz", settings=md["settings"], erased=md["erased"],
+                    protected=md["protected"], base_model=md["base_model"], fingerprints=md["fingerprints"])
         return what
     raise ValueError(category)
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import sd2_pipeline, sd_pipeline, sdxl_pipeline
 
-from erase_diffusion.patch import LoraFactors, PatchError, fingerprint, save_patch
+from erase_diffusion.patch import LoraFactors, PatchError, fingerprint, write_patch
 from erase_diffusion.pipelines.loading import bake, load_patches, set_strengths, unfuse
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 2, 0]])
@@ -38,8 +38,8 @@ def make_patch(pipe, path, seed=0, components=None, full=None, **kw):
     components = components or [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
     layers = {c: random_factors(getattr(pipe, c), c, seed=seed + k, **kw) for k, c in enumerate(components)}
     fps = {c: fingerprint(getattr(pipe, c)) for c in components}
-    save_patch(path, layers, method="test", settings={"seed": seed}, erased=["cat"], protected=["dog"],
-               base_model="tiny", fingerprints=fps, full=full)
+    write_patch(path, layers, method="test", settings={"seed": seed}, erased=["cat"], protected=["dog"],
+                base_model="tiny", fingerprints=fps, full=full)
     return layers
 
 

@@ -4,7 +4,6 @@ middle of a checkpoint write — resumes to the same patch as an uninterrupted r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -17,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from erase_diffusion.training import CHECKPOINT_FILES, checkpoints, prepare_output_dir, resume_checkpoint
+from erase_diffusion.checkpoints import CHECKPOINT_FILES, checkpoints, prepare_output_dir, resume_checkpoint
+from erase_diffusion.config import CLIPEraseConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # --target clip: the checkpoint / resume path is the pipeline target's, with less to load per process
@@ -33,7 +33,7 @@ def fake_checkpoint(folder: Path, files=CHECKPOINT_FILES) -> Path:
 
 
 def test_latest_skips_stray_and_incomplete_checkpoints(tmp_path, caplog):
-    args = argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint="latest", overwrite=False)
+    args = CLIPEraseConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")
     with caplog.at_level(logging.WARNING):
         assert resume_checkpoint(args) is None  # nothing yet: a fresh start, said once
     assert sum("starting from scratch" in r.getMessage() for r in caplog.records) == 1
@@ -45,7 +45,7 @@ def test_latest_skips_stray_and_incomplete_checkpoints(tmp_path, caplog):
     assert checkpoints(tmp_path) == [good] and resume_checkpoint(args) == good
     for bad in ("checkpoint-10", "checkpoint-foo", "nope"):
         with pytest.raises(ValueError, match="not a complete checkpoint"):
-            resume_checkpoint(argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint=str(tmp_path / bad)))
+            resume_checkpoint(CLIPEraseConfig(output_dir=str(tmp_path), resume_from_checkpoint=str(tmp_path / bad)))
 
 
 def test_stale_temp_files_and_folders_are_removed_on_start(tmp_path):
@@ -55,7 +55,7 @@ def test_stale_temp_files_and_folders_are_removed_on_start(tmp_path):
     (tmp_path / "validation" / ".step-000002.png.partial-x1y2z3w4.png").write_bytes(b"half")
     keep = fake_checkpoint(tmp_path / "checkpoint-2")
     (tmp_path / ".hidden_but_mine").write_text("kept")
-    prepare_output_dir(argparse.Namespace(output_dir=str(tmp_path), resume_from_checkpoint="latest"))
+    prepare_output_dir(CLIPEraseConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden_but_mine", "checkpoint-2", "validation"]
     assert not list((tmp_path / "validation").iterdir()) and keep.is_dir()
 

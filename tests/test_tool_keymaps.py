@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from test_pipelines_loading import IDS, make_patch, manual, maxdiff
 from tiny_models import sd2_pipeline, sd_pipeline, sdxl_pipeline
 
-from erase_diffusion.patch import LoraFactors, clip_core, export_kohya, fingerprint, load_patch, save_patch
+from erase_diffusion.patch import LoraFactors, clip_core, export_kohya, fingerprint, load_patch, write_patch
 
 TOL = 1e-5
 
@@ -333,11 +333,11 @@ def test_kohya_export_pads_partial_attention_with_zeros(tmp_path):
     f = LoraFactors(torch.randn(2, 32), torch.randn(32, 2))
     fc2 = te2.encoder.layers[3].mlp.fc2
     g = LoraFactors(torch.randn(2, fc2.in_features), torch.randn(fc2.out_features, 2))
-    save_patch(path, {"text_encoder_2": {name: f, "text_model.encoder.layers.3.mlp.fc2": g,
+    write_patch(path, {"text_encoder_2": {name: f, "text_model.encoder.layers.3.mlp.fc2": g,
                                          "text_model.encoder.layers.3.self_attn.out_proj": LoraFactors(
                                              torch.randn(3, 32), torch.randn(32, 3))}},
-               method="test", settings={}, erased=["cat"], protected=[], base_model="tiny",
-               fingerprints={"text_encoder_2": fingerprint(pipe.text_encoder_2)})
+                method="test", settings={}, erased=["cat"], protected=[], base_model="tiny",
+                fingerprints={"text_encoder_2": fingerprint(pipe.text_encoder_2)})
     lora = load_file(str(export_kohya(path, tmp_path / "k.safetensors")))
     stems = {k.split(".")[0] for k in lora}
     for layer in (1, 3):

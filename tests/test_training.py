@@ -15,14 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from erase_diffusion import cliperase
+from erase_diffusion.cliperase import TextTower, encode_read
 from erase_diffusion.patch import fingerprint, load_patch
+from erase_diffusion.training import main, make_trainable, merged, patch_layers
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from train_erase import parse_args  # noqa: E402
-
-from erase_diffusion.training import (  # noqa: E402
-    TextTower, encode_read, make_trainable, merged, patch_layers, train)
 
 sys.path.insert(0, str(ROOT / "tests"))
 import tiny_models  # noqa: E402
@@ -73,17 +70,17 @@ def test_token_terms():
 )
 def test_bad_input_refused_before_loading(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
-        train(parse_args([*argv, "--output_dir", str(tmp_path / "out"), *FAST]))
+        main([*argv, "--output_dir", str(tmp_path / "out"), *FAST])
 
 
 def test_output_dir_of_another_run_refused(tmp_path):
     (tmp_path / "erase_patch.safetensors").write_bytes(b"x")
     with pytest.raises(ValueError, match="already holds another run"):
-        train(parse_args(["--erase_concept", "circle", "--output_dir", str(tmp_path), *FAST]))
+        main(["--erase_concept", "circle", "--output_dir", str(tmp_path), *FAST])
 
 
 def test_clip_target_writes_a_patch_for_the_clip_model(tmp_path):
-    metrics = train(parse_args(["--erase_concept", "circle", "--target", "clip", "--output_dir", str(tmp_path), *FAST]))
+    metrics = main(["--erase_concept", "circle", "--target", "clip", "--output_dir", str(tmp_path), *FAST])
     patch = load_patch(tmp_path / "erase_patch.safetensors")
     assert patch.metadata["method"] == "cliperase" and patch.metadata["erased"] == ["circle"]
     assert any("self_attn.q_proj" in m for m in patch.layers["text_encoder"])
@@ -156,7 +153,7 @@ def test_exported_patch_is_what_was_trained(tmp_path, make, full_finetune):
     """What the objective trains (encode_read of the students: last or penultimate layer, SDXL's pooled embedding)
     == what plain diffusers computes after ``load_lora_weights`` of the exported patch, and == the merged weights
     the validation grids use."""
-    from erase_diffusion.patch import save_patch
+    from erase_diffusion.patch import write_patch
 
     lora = LORA
     pipe = make()
@@ -172,8 +169,8 @@ def test_exported_patch_is_what_was_trained(tmp_path, make, full_finetune):
     layers = {}
     for tower in towers:
         layers.update(patch_layers(students[tower.name], tower, args)[0])
-    path = save_patch(tmp_path / "p.safetensors", layers, method="cliperase", settings={}, erased=["circle"],
-                      protected=[], base_model="tiny", fingerprints={t.name: t.fingerprint for t in towers})
+    path = write_patch(tmp_path / "p.safetensors", layers, method="cliperase", settings={}, erased=["circle"],
+                       protected=[], base_model="tiny", fingerprints={t.name: t.fingerprint for t in towers})
     with torch.no_grad():
         want = _encode_like_the_pipeline(students, pipe, "a red circle")
         base = pipe.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
@@ -211,10 +208,10 @@ def test_sdxl_two_encoders_with_generated_data(tmp_path):
     common = ["--pretrained_model_name_or_path", str(tmp_path / "pipeline"), "--erase_concept", "circle",
               "--keep_concepts", "square", "--generate_data", *FAST]
     with pytest.raises(ValueError, match="pass one --clip_model_name_or_path per encoder"):
-        train(parse_args([*common, "--clip_model_name_or_path", clips[0], "--output_dir", str(tmp_path / "x")]))
+        main([*common, "--clip_model_name_or_path", clips[0], "--output_dir", str(tmp_path / "x")])
     out = tmp_path / "run"
-    metrics = train(parse_args([*common, "--clip_model_name_or_path", *clips, "--output_dir", str(out),
-                                "--validation_steps", "2"]))
+    metrics = main([*common, "--clip_model_name_or_path", *clips, "--output_dir", str(out),
+                    "--validation_steps", "2"])
     assert {"text_encoder/forget", "text_encoder_2/token_forget"} <= set(metrics["terms"])
     patch = load_patch(out / "erase_patch.safetensors")
     assert patch.components == ["text_encoder", "text_encoder_2"]
@@ -247,9 +244,9 @@ def test_folder_of_pairs_trains_an_sd1_pipeline(tmp_path, layout):
     clips = tiny_models.save_pipeline_with_clips(pipe, tmp_path)
     _write_pairs(tmp_path / "pairs", layout)
     out = tmp_path / "run"
-    train(parse_args(["--pretrained_model_name_or_path", str(tmp_path / "pipeline"), "--clip_model_name_or_path",
-                      *clips, "--erase_concept", "circle", "--train_data_dir", str(tmp_path / "pairs"),
-                      "--output_dir", str(out), *FAST]))
+    main(["--pretrained_model_name_or_path", str(tmp_path / "pipeline"), "--clip_model_name_or_path",
+          *clips, "--erase_concept", "circle", "--train_data_dir", str(tmp_path / "pairs"),
+          "--output_dir", str(out), *FAST])
     assert load_patch(out / "erase_patch.safetensors").components == ["text_encoder"]
 
 
@@ -274,8 +271,8 @@ def test_folder_errors(tmp_path):
 
 
 def test_vision_tower_trains_only_when_asked(tmp_path):
-    train(parse_args(["--erase_concept", "circle", "--target", "clip", "--train_vision_tower",
-                      "--output_dir", str(tmp_path / "b"), *FAST]))
+    main(["--erase_concept", "circle", "--target", "clip", "--train_vision_tower",
+          "--output_dir", str(tmp_path / "b"), *FAST])
     patch = load_patch(tmp_path / "b" / "erase_patch.safetensors")
     assert patch.components == ["clip", "text_encoder"]
     assert all(m.startswith("vision_model.encoder.layers.") for m in patch.layers["clip"])
@@ -296,14 +293,14 @@ def test_ddp_replicas_stay_in_sync(tmp_path):
 
 
 def test_several_concepts_in_one_run(tmp_path):
-    train(parse_args(["--erase_concept", "circle", "square", "--target", "clip", "--output_dir", str(tmp_path), *FAST]))
+    main(["--erase_concept", "circle", "square", "--target", "clip", "--output_dir", str(tmp_path), *FAST])
     assert load_patch(tmp_path / "erase_patch.safetensors").metadata["erased"] == ["circle", "square"]
 
 
 def test_nan_loss_stops_the_run_without_a_patch(tmp_path):
     with pytest.raises(FloatingPointError, match="lower --learning_rate"):
-        train(parse_args(["--erase_concept", "circle", "--target", "clip", "--learning_rate", "1e30",
-                          "--output_dir", str(tmp_path), *FAST]))
+        main(["--erase_concept", "circle", "--target", "clip", "--learning_rate", "1e30",
+              "--output_dir", str(tmp_path), *FAST])
     assert not (tmp_path / "erase_patch.safetensors").exists()
 
 
@@ -311,7 +308,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     from safetensors.torch import load_file
 
     for name, extra in (("plain", []), ("ckpt", ["--gradient_checkpointing"])):
-        train(parse_args(["--erase_concept", "circle", "--output_dir", str(tmp_path / name), *FAST, *extra]))
+        main(["--erase_concept", "circle", "--output_dir", str(tmp_path / name), *FAST, *extra])
     plain, ckpt = (load_file(tmp_path / n / "erase_patch.safetensors") for n in ("plain", "ckpt"))
     assert plain.keys() == ckpt.keys() and any(v.abs().max() > 0 for k, v in plain.items() if "lora_B" in k)
     for key in plain:
@@ -337,7 +334,7 @@ def test_clip_rounded_to_fp16_is_adopted_and_another_clip_refused(tmp_path):
         for p in clip.text_model.parameters():
             p.copy_(p.half().float())
     clip.save_pretrained(clip_dir)
-    metrics = train(parse_args([*common, "--clip_model_name_or_path", str(clip_dir), "--output_dir", str(tmp_path / "a")]))
+    metrics = main([*common, "--clip_model_name_or_path", str(clip_dir), "--output_dir", str(tmp_path / "a")])
     assert 0 < metrics["clip_text_tower_difference"]["text_encoder"] < 1e-3
     patch = load_patch(tmp_path / "a" / "erase_patch.safetensors")
     assert patch.metadata["fingerprints"]["text_encoder"] == fingerprint(pipe.text_encoder)
@@ -346,7 +343,7 @@ def test_clip_rounded_to_fp16_is_adopted_and_another_clip_refused(tmp_path):
             p.add_(torch.randn_like(p) * p.std().clamp_min(1e-3))
     clip.save_pretrained(clip_dir)
     with pytest.raises(ValueError, match="so this CLIP is another model"):
-        train(parse_args([*common, "--clip_model_name_or_path", str(clip_dir), "--output_dir", str(tmp_path / "b")]))
+        main([*common, "--clip_model_name_or_path", str(clip_dir), "--output_dir", str(tmp_path / "b")])
 
 
 def test_generic_anchor_prompts_stay_paired_with_their_forget_prompts():

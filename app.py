@@ -26,10 +26,12 @@ import sys
 import threading
 from pathlib import Path
 
+import erase_diffusion  # noqa: F401  first: its thread guard sets OMP_WAIT_POLICY before torch loads
 import gradio as gr
 import torch
 
 from erase_diffusion.atomic import write_atomic
+from erase_diffusion.concepts import ConceptSpec
 
 DEFAULT_PATCH_DIR = "outputs/patches"
 PATCH_SUFFIX = ".safetensors"
@@ -345,7 +347,7 @@ class EraseApp:
             if _has_adapters(self.pipe):
                 self.pipe.disable_lora()  # erase from the base text encoder, not a patched one
             try:
-                nullspace.erase(self.model, concepts, protect=protect, strength=strength,
+                nullspace.erase(self.model, ConceptSpec(concepts, keep=protect), strength=strength,
                                 output=self.patch_dir / name, pipe=self.pipe)
             except ValueError as err:
                 raise gr.Error(f"erasure failed: {err}") from None

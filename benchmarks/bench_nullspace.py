@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -29,13 +30,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from erase_diffusion import measure, nullspace as ns  # noqa: E402
 from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
-from erase_diffusion.concepts import miniworld_spec  # noqa: E402
+from erase_diffusion.concepts import ConceptSpec, miniworld_spec  # noqa: E402
 from erase_diffusion.miniworld import domain  # noqa: E402
 from erase_diffusion.models import load_clip, load_pipeline  # noqa: E402
 from erase_diffusion.patch import apply_to_clip, load_patch, patch_deltas  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+REPEATS = 3
 
 
 def apply_pipeline_patch(pipe, path, strength=1.0):
@@ -63,10 +65,13 @@ def time_clip_l(tok):
     torch.manual_seed(0)
     te = CLIPTextModel(cfg).eval()
     exact = ["a photo of a square", "a painting of a star", "a heart"]
-    t0 = time.perf_counter()
-    edit = ns.encoder_edit(te, tok, ["circle"], ["square", "star", "heart"], protect_prompts=exact,
-                           synonyms={"circle": ("disc",)}, prompts=ns.PromptSet(), anchor="")
-    seconds = time.perf_counter() - t0
+    seconds = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        edit = ns.encoder_edit(te, tok, ["circle"], ["square", "star", "heart"], protect_prompts=exact,
+                               synonyms={"circle": ("disc",)}, prompts=ns.PromptSet(), anchor="")
+        seconds.append(time.perf_counter() - t0)
+    seconds = statistics.median(seconds)
     base = ns.conditioning(te, tok, exact)
     fc2 = ns.clip_core(te).encoder.layers[edit.layer].mlp.fc2
     with torch.no_grad():
@@ -110,12 +115,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     pipe = load_pipeline("miniworld")
     out["time_load_pipeline_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    path = ns.erase("miniworld", [concept], anchor=args.anchor, output=tmp / "p.safetensors", pipe=pipe)
-    out["time_erase_call_s"] = time.perf_counter() - t0
-    settings = load_patch(path).metadata.get("settings", {})
-    stats = settings.get("stats", {}).get("text_encoder", {})
-    out["time_miniworld_edit_s"] = stats.get("seconds")
+    calls, edits = [], []
+    for _ in range(REPEATS):  # medians: the first call also pays for lazy imports
+        t0 = time.perf_counter()
+        path = ns.erase("miniworld", ConceptSpec([concept], anchor=args.anchor), output=tmp / "p.safetensors", pipe=pipe)
+        calls.append(time.perf_counter() - t0)
+        settings = load_patch(path).metadata.get("settings", {})
+        stats = settings.get("stats", {}).get("text_encoder", {})
+        edits.append(sum(e["seconds"] for e in stats))
+    out["time_erase_call_s"], out["time_miniworld_edit_s"] = statistics.median(calls), statistics.median(edits)
+    out["timing_repeats"] = REPEATS
     out["pipeline_stats"] = stats
     out["protect_prompts"] = settings.get("protect_prompts", [])
     edited = apply_pipeline_patch(pipe, path)
@@ -133,7 +142,7 @@ def main(argv=None) -> int:
     clip_model, clip_tok = load_clip("miniworld")
     data = measure.held_out_dataset(n=576)
     t0 = time.perf_counter()
-    cpath = ns.erase("miniworld", [concept], protect=retained, target="clip", output=tmp / "c.safetensors",
+    cpath = ns.erase("miniworld", ConceptSpec([concept], keep=retained), target="clip", output=tmp / "c.safetensors",
                      clip=(clip_model, clip_tok))
     out["time_clip_miniworld_s"] = time.perf_counter() - t0
     base_acc = measure.zero_shot_accuracy(clip_model, clip_tok, data)
@@ -188,11 +197,11 @@ def plot(out):
 
 def table(out):
     rows = [("time, load miniworld pipeline (s)", out["time_load_pipeline_s"], ""),
-            ("time, one concept, miniworld pipeline edit (s)", out["time_miniworld_edit_s"], "≤ 1"),
+            ("time, one concept, miniworld pipeline edit (s)", out["time_miniworld_edit_s"], "≤ 0.5"),
             ("time, whole erase() call incl. patch (s)", out["time_erase_call_s"], ""),
             ("time, one concept, miniworld CLIP (s)", out["time_clip_miniworld_s"], "≤ 1")]
     if "clip_l" in out:
-        rows.append(("time, one concept, CLIP-L-sized encoder (s)", out["clip_l"]["seconds"], "≤ 20"))
+        rows.append(("time, one concept, CLIP-L-sized encoder (s)", out["clip_l"]["seconds"], "≤ 4"))
         rows.append(("CLIP-L-sized: exact protected prompts max |Δ|", out["clip_l"]["exact_protected_max_abs_diff"],
                      "≤ 1e-4"))
     if "exact_protected_max_abs_diff" in out:

@@ -16,6 +16,16 @@ BUNDLED = {"miniworld": {"pipeline": "pipeline", "clip": "clip", "judge": "judge
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_miniworld(model: str | Path) -> bool:
+    """The bundled name, or a path inside the bundled folder: the one test for "is this the miniature world?"."""
+    if str(model) in BUNDLED:
+        return True
+    try:
+        return Path(model).expanduser().resolve().is_relative_to(MINIWORLD_DIR.resolve())
+    except OSError:
+        return False
+
+
 class ModelNotFoundError(ValueError):
     pass
 

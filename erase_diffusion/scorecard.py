@@ -55,8 +55,11 @@ def rate(mask) -> dict:
 
 def _case(rng: random.Random, template: str, shape: str, colour: str, style: str, word: str,
           erased: set[str]) -> PromptCase:
-    others = [s for s in domain.SHAPES if s != shape and s not in erased]
-    shape2, colour2 = rng.choice(others), rng.choice([c for c in domain.COLOURS if c not in erased])
+    # a second, retained object for the two-object templates (with 7 of 8 shapes erased it may repeat the first)
+    others = [s for s in domain.SHAPES if s != shape and s not in erased] or [s for s in domain.SHAPES
+                                                                              if s not in erased] or [shape]
+    shape2 = rng.choice(others)
+    colour2 = rng.choice([c for c in domain.COLOURS if c not in erased] or [colour])
     text = template.format(shape=word, colour=colour, style=style, SHAPE=word.upper(), COLOUR=colour.upper(),
                            shape2=shape2, colour2=colour2)
     named_style = style if "{style}" in template else None

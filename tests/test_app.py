@@ -228,9 +228,9 @@ def test_erase_now_adds_a_patch(app, monkeypatch):
 
     seen = {}
 
-    def fake_erase(model, concepts, *, protect=(), strength=1.0, output, pipe=None, **kw):
+    def fake_erase(model, spec, *, strength=1.0, output, pipe=None, **kw):
         lora_disabled = [m.disable_adapters for m in pipe.text_encoder.modules() if hasattr(m, "lora_A")]
-        seen.update(model=model, concepts=concepts, protect=protect, strength=strength, pipe=pipe,
+        seen.update(model=model, concepts=spec.erase, protect=spec.keep, strength=strength, pipe=pipe,
                     lora_disabled=lora_disabled)
         return write_patch(pipe, output, seed=7)
 

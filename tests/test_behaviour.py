@@ -27,7 +27,7 @@ from erase_diffusion import measure
 from erase_diffusion.concepts import miniworld_spec
 from erase_diffusion.models import load_clip, load_judge, load_pipeline
 from erase_diffusion.nullspace import erase
-from erase_diffusion.patch import apply_to_clip
+from erase_diffusion.patch import apply_to_clip, load_patch
 from erase_diffusion.pipelines.loading import load_patches
 from erase_diffusion.training import main
 
@@ -140,10 +140,13 @@ def test_nullspace_strength_one_erases(world, nullspace_patches):
     g0, g1 = world["judged"], judged_with(world, patch)
     assert g1["circle_named"] <= 0.1 and g1["circle_paraphrase"] <= 0.1, g1  # measured 0/16, 0/16
     assert g1["kept_shape"] >= g0["kept_shape"] - 0.1, g1  # 28/28 → 27/28
-    # the edit moves what the text encoder says about circle: its zero-shot falls, the retained classes stay
+    # the edit moves what the text encoder says about circle: its zero-shot falls, the retained classes stay —
+    # except the anchor, whose name circle's text now reads like, so zero-shot confuses the two (by construction)
+    anchor = load_patch(patch).metadata["settings"]["anchor"][CONCEPT]
     zs0, zs1 = world["zero_shot"], zero_shot_with(world, patch)
     assert zs1[CONCEPT] <= zs0[CONCEPT] - 0.5, zs1  # measured 99 % → 0 %
-    assert _retain(zs1) >= _retain(zs0) - 0.05, zs1  # 96.1 % → 97.2 %
+    others = [c for c in RETAINED if c != anchor]
+    assert sum(zs1[c] for c in others) >= sum(zs0[c] for c in others) - 0.05 * len(others), zs1  # 95.8 → 97.9 %
 
 
 # ----------------------------------------------------------------------------------------------------------- evaluator

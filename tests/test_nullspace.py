@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
 
-from erase_diffusion import nullspace as ns
+from erase_diffusion import clip_projection as cp, nullspace as ns
+from erase_diffusion.concepts import ConceptSpec
 from tiny_models import _text_config, sd_pipeline, sdxl_pipeline, tokenizer
 
 TEMPLATES = ("a photo of a {}", "a red {} on a dark background")
@@ -129,8 +130,8 @@ def test_too_many_protected_prompts_or_naming_the_concept_is_refused(sd):
 
 def test_patch_loads_in_diffusers_and_equals_manual_edit(sd, tmp_path):
     te, tok = sd.text_encoder, sd.tokenizer
-    path = ns.erase("tiny", ["circle"], protect=["square"], protect_prompts=PROTECTED, anchor="star",
-                    templates=list(TEMPLATES), output=tmp_path / "circle.safetensors", pipe=sd)
+    spec = ConceptSpec(["circle"], keep=["square"], protect_prompts=PROTECTED, anchor="star")
+    path = ns.erase("tiny", spec, templates=list(TEMPLATES), output=tmp_path / "circle.safetensors", pipe=sd)
     manual = with_delta(te, ns.encoder_edit(te, tok, ["circle"], ["square"], protect_prompts=PROTECTED,
                                             prompts=PROMPTS, anchor="star"))
     pipe = copy.deepcopy(sd)
@@ -146,8 +147,8 @@ def test_sdxl_both_encoders_penultimate(tmp_path):
     pipe = sdxl_pipeline()
     pipe.text_encoder = wide_encoder(layers=5)
     pipe.text_encoder_2 = wide_encoder(layers=5, cls=CLIPTextModelWithProjection, seed=1)
-    path = ns.erase("tiny-xl", ["circle"], protect=["square"], protect_prompts=PROTECTED, anchor="star",
-                    templates=list(TEMPLATES), output=tmp_path / "xl.safetensors", pipe=pipe)
+    spec = ConceptSpec(["circle"], keep=["square"], protect_prompts=PROTECTED, anchor="star")
+    path = ns.erase("tiny-xl", spec, templates=list(TEMPLATES), output=tmp_path / "xl.safetensors", pipe=pipe)
     base = [ns.conditioning(te, pipe.tokenizer, CONCEPT + PROTECTED, penultimate=True)
             for te in (pipe.text_encoder, pipe.text_encoder_2)]
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
@@ -158,10 +159,30 @@ def test_sdxl_both_encoders_penultimate(tmp_path):
 
 
 def test_miniworld_defaults():
-    assert ns.default_protect(["circle"], True) == [s for s in ("square", "triangle", "star", "heart", "cross",
-                                                                 "diamond", "hexagon")]
-    assert ns.default_protect(["circle"], False) == []
-    assert len(ns.PromptSet(miniworld=True).frames()) == 48
+    from erase_diffusion.concepts import miniworld_keep, with_miniworld_defaults
+
+    assert miniworld_keep(["circle"]) == ["square", "triangle", "star", "heart", "cross", "diamond", "hexagon"]
+    assert miniworld_keep(["striped"]) == ["solid", "outlined"]  # every attribute has siblings to keep
+    assert miniworld_keep(["circle", "red"]) == [
+        "square", "triangle", "star", "heart", "cross", "diamond", "hexagon",
+        "green", "blue", "yellow", "purple", "orange", "cyan", "white"]
+    spec = with_miniworld_defaults(ConceptSpec(["red"], keep=["green"]))
+    assert spec.keep == ["green"] and spec.protect_prompts == ["a blue triangle"]  # "a red square" names red
+    assert spec.paraphrases == {"red": [], "green": []}
+    with pytest.raises(ValueError, match="vocabulary"):
+        with_miniworld_defaults(ConceptSpec(["dog"]))
+    prompts = ns.PromptSet(miniworld=True)
+    assert len(prompts.frames("circle")) == 48
+    # the word goes into the slot of its own attribute, the others vary: a colour is never put where a shape goes
+    from erase_diffusion.miniworld.domain import COLOURS, SHAPES, STYLES
+
+    for word, own, varied in (("red", COLOURS, SHAPES), ("striped", STYLES, COLOURS)):
+        texts = [b + word + a for b, a in prompts.frames(word)]
+        assert len(set(texts)) == len(texts)
+        for t in texts:
+            words = t.replace(",", " ").split()
+            assert [w for w in words if w in own] == [word]  # no second colour / style beside the erased one
+        assert {w for t in texts for w in t.replace(",", " ").split() if w in varied} == set(varied)
 
 
 # ------------------------------------------------------------------------------------------------------------- CLIP
@@ -180,20 +201,27 @@ def clip():
     return CLIPModel(cfg).eval(), tok
 
 
+def _project(clip_model, D):
+    """visual_projection ← (I − D) W, what erase(..., target="clip") ships as LoRA factors."""
+    W = clip_model.visual_projection.weight
+    with torch.no_grad():
+        W -= D.to(W) @ W
+
+
 def test_clip_projection_forgets_and_keeps_retained_logits(clip, tmp_path):
     model, tok = clip
     retained = ["square", "star", "heart"]
-    D, stats = ns.clip_projection(model, tok, ["circle"], retained, prompts=PROMPTS, retain_weight=1.0)
+    D, stats = cp.clip_projection(model, tok, ["circle"], retained, prompts=PROMPTS, retain_weight=1.0)
     assert stats["rank"] == 1 and stats["forget_left"] < 0.2
-    t_r = torch.stack([ns.class_embedding(model, tok, w, PROMPTS) for w in retained])
-    t_f = ns.class_embedding(model, tok, "circle", PROMPTS)
+    t_r = torch.stack([cp.class_embedding(model, tok, w, PROMPTS) for w in retained])
+    t_f = cp.class_embedding(model, tok, "circle", PROMPTS)
     torch.manual_seed(1)
     pixels = torch.randn(64, 3, 16, 16)
     with torch.no_grad():
         z0 = model.get_image_features(pixel_values=pixels)
         z0 = z0 if isinstance(z0, torch.Tensor) else z0.pooler_output
         edited = copy.deepcopy(model)
-        ns.apply_projection(edited, D, 1.0)
+        _project(edited, D)
         z1 = edited.get_image_features(pixel_values=pixels)
         z1 = z1 if isinstance(z1, torch.Tensor) else z1.pooler_output
     # the forget logit (before the image-norm rescale) shrinks far more than the retained ones move
@@ -201,9 +229,9 @@ def test_clip_projection_forgets_and_keeps_retained_logits(clip, tmp_path):
     retain_moved = (z1 @ t_r.T - z0 @ t_r.T).norm() / (z0 @ t_r.T).norm()
     assert forget_left < 0.3 and retain_moved < 0.5 * (1 - forget_left), (forget_left, retain_moved)
     # stronger retain weight: retained logits move less
-    D10, _ = ns.clip_projection(model, tok, ["circle"], retained, prompts=PROMPTS, retain_weight=10.0)
+    D10, _ = cp.clip_projection(model, tok, ["circle"], retained, prompts=PROMPTS, retain_weight=10.0)
     edited10 = copy.deepcopy(model)
-    ns.apply_projection(edited10, D10, 1.0)
+    _project(edited10, D10)
     with torch.no_grad():
         z10 = edited10.get_image_features(pixel_values=pixels)
         z10 = z10 if isinstance(z10, torch.Tensor) else z10.pooler_output
@@ -211,7 +239,7 @@ def test_clip_projection_forgets_and_keeps_retained_logits(clip, tmp_path):
     # the patch reproduces the manual edit through patch.apply_to_clip
     from erase_diffusion.patch import apply_to_clip
 
-    path = ns.erase("tiny-clip", ["circle"], protect=retained, target="clip", templates=list(TEMPLATES),
+    path = ns.erase("tiny-clip", ConceptSpec(["circle"], keep=retained), target="clip", templates=list(TEMPLATES),
                     output=tmp_path / "clip.safetensors", clip=clip)  # the default retain weight is 10
     patched = copy.deepcopy(model)
     apply_to_clip(patched, path)
@@ -221,12 +249,12 @@ def test_clip_projection_forgets_and_keeps_retained_logits(clip, tmp_path):
 # ------------------------------------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("concepts, protect, match", [
     ([], [], "no concept"),
-    (["  "], [], "empty concept"),
-    (["circle"], ["circle"], "both erased and protected"),
+    (["  "], [], "no concept"),
+    (["circle"], ["circle"], "both to erase and to keep"),
 ])
 def test_bad_inputs(sd, tmp_path, concepts, protect, match):
     with pytest.raises(ValueError, match=match):
-        ns.erase("tiny", concepts, protect=protect, output=tmp_path / "x.safetensors", pipe=sd)
+        ns.erase("tiny", ConceptSpec(concepts, keep=protect), output=tmp_path / "x.safetensors", pipe=sd)
 
 
 def test_bad_strength_and_target(sd, tmp_path):
@@ -241,7 +269,7 @@ def test_protected_span_covering_concept_is_refused(clip):
     many = ["square", "star", "heart", "cross", "diamond", "hexagon", "triangle", "red", "blue", "green", "disc",
             "box", "rhombus", "yellow", "white", "cyan", "purple"]  # 17 > projection dim 16: they span everything
     with pytest.raises(ValueError, match="span the erased"):  # weighted this strongly, they keep circle too
-        ns.clip_projection(model, tok, ["circle"], many, prompts=PROMPTS, retain_weight=1000.0)
+        cp.clip_projection(model, tok, ["circle"], many, prompts=PROMPTS, retain_weight=1000.0)
 
 
 def test_nan_weights_are_refused(sd):
@@ -256,4 +284,4 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     from erase_diffusion.cli import main
 
     assert main(["erase", "circle", "--protect", "circle", "--output", str(tmp_path / "x.safetensors")]) == 2
-    assert "both erased and protected" in capsys.readouterr().err
+    assert "both to erase and to keep" in capsys.readouterr().err

@@ -56,6 +56,11 @@ class ConceptSpec:
         """The concept and its paraphrases."""
         return [concept, *self.paraphrases.get(concept, [])]
 
+    def anchor_for(self, concept: str) -> str:
+        """What ``concept``'s prompts should become ("" when no anchor is set: the word is dropped)."""
+        anchor = self.anchor.get(concept) if isinstance(self.anchor, dict) else self.anchor
+        return anchor or ""
+
     def all_erase_words(self) -> list[str]:
         return [w for c in self.erase for w in self.words(c)]
 

@@ -33,6 +33,8 @@ class ConceptArguments:
 
     erase_concept: list[str] = _arg([], "concept(s) to erase")
     keep_concepts: list[str] = _arg([], "concepts that must keep working", nargs="*")
+    # "object", not the closed form's sibling anchors: CLIPErase pulled toward the least similar sibling erased star
+    # (3 % found) but kept only 45 % of the prompted colours, and left striped at 59 % (n = 64 each)
     anchor_concept: str = _arg("object", "what erased prompts should read as (token level)")
     concepts_file: str | None = _arg(None, "JSON/TOML with erase, paraphrases, keep, anchor")
 
@@ -130,10 +132,11 @@ class CLIPEraseConfig:
                 raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"--learning_rate must be a positive number, got {self.learning_rate}")
-        anchor = (spec.anchor or "").strip().lower()
-        if anchor and anchor in [c.strip().lower() for c in spec.erase]:
-            raise ValueError(f"--anchor_concept {anchor!r} is a concept to erase: erased prompts would be pulled "
-                             "toward themselves")
+        erased = [c.strip().lower() for c in spec.erase]
+        for anchor in (spec.anchor.values() if isinstance(spec.anchor, dict) else [spec.anchor or ""]):
+            if anchor.strip().lower() in erased:
+                raise ValueError(f"--anchor_concept {anchor!r} is a concept to erase: erased prompts would be pulled "
+                                 "toward themselves")
         if not self.miniworld and not self.train_data_dir and not self.generate_data:
             raise ValueError("a model other than the miniature world needs --train_data_dir, or --generate_data")
         if self.forget_loss not in ("dot", "neg_contrastive"):

@@ -119,9 +119,10 @@ def prompt_sets(spec: ConceptSpec, miniworld: bool, seed: int = 0, n: int = 256)
             text = _miniworld_prompt(rng, miniworld_attribute(concept)[0], word, spec)
         else:
             template, word = rng.choice(GENERIC_TEMPLATES), rng.choice(spec.all_erase_words())
+            concept = next(c for c in spec.erase if word in spec.words(c))
             text = template.format(word)
         forget.append(text)
-        anchor.append(_replace(text, word, spec.anchor or ""))
+        anchor.append(_replace(text, word, spec.anchor_for(concept)))
     if miniworld:
         retain = [_miniworld_prompt(rng, None, None, spec) for _ in range(n)]
     else:

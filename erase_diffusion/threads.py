@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 ENV = "ERASE_DIFFUSION_THREADS"
 EXPLICIT_ENVS = (ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -116,6 +117,28 @@ def configure_threads(verbose: bool = False) -> dict:
         print(f"threads: {decision['threads']} ({decision['source']}); OMP_WAIT_POLICY {decision['omp_wait_policy']}")
     _done = decision
     return decision
+
+
+# below this many trainable-model parameters a CPU training step is many small matrices, and intra-op threads cost
+# more than they give: the miniature world's CLIPErase run took 63 s on one thread and 106 s on two (2 quiet cores)
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+@contextmanager
+def one_thread_if_small(n_params: int, device) -> object:
+    """One intra-op thread while a small model trains on the CPU, unless the user set a thread count."""
+    import torch
+
+    explicit = any(os.environ.get(v, "").strip() for v in EXPLICIT_ENVS)
+    if explicit or str(device) != "cpu" or n_params >= SMALL_MODEL_PARAMS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _set(torch, n: int) -> None:

@@ -37,6 +37,7 @@ from .measure import image_embeddings, miniworld_metrics, save_grid
 from .models import load_clip, load_pipeline, resolve
 from .patch import TEXT_ENCODERS, Edit, LoraFactors, clip_core, factors_from_delta, fingerprint, save_patch, write_card
 from .pipelines.loading import find_linear
+from .threads import one_thread_if_small
 
 logger = logging.getLogger(__name__)
 # the text tower only: the vision tower shares these module names
@@ -122,8 +123,10 @@ def train(spec: ConceptSpec, config: CLIPEraseConfig, accelerator: Accelerator |
     validate = None if pipe is None else partial(save_current_validation, pipe, students, towers, config, spec)
 
     # 5. The loop.
-    global_step, loss_value, terms = train_loop(accelerator, model, optimizer, params, (forget, retain, prompts),
-                                                config, global_step, resume, validate)
+    n_params = sum(p.numel() for p in model.parameters())
+    with one_thread_if_small(n_params, accelerator.device):
+        global_step, loss_value, terms = train_loop(accelerator, model, optimizer, params, (forget, retain, prompts),
+                                                    config, global_step, resume, validate)
     train_seconds = time.time() - start
 
     # 6. Export: LoRA (or the full fine-tune's SVD) of every tower, with what the run measured.

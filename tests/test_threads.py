@@ -51,3 +51,21 @@ def test_explicit_settings_win():
 
 def test_imported_after_torch_leaves_the_wait_policy_alone():
     assert probe(TORCH_FIRST)["wait"] is None
+
+
+def test_small_models_train_on_one_thread_unless_the_user_set_threads(monkeypatch):
+    import torch
+
+    from erase_diffusion.threads import EXPLICIT_ENVS, SMALL_MODEL_PARAMS, one_thread_if_small
+
+    for v in EXPLICIT_ENVS:
+        monkeypatch.delenv(v, raising=False)
+    torch.set_num_threads(2)
+    with one_thread_if_small(1000, "cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2  # restored
+    with one_thread_if_small(SMALL_MODEL_PARAMS, "cpu"):  # a real-sized model keeps the guard's count
+        assert torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with one_thread_if_small(1000, "cpu"):  # the user's setting wins
+        assert torch.get_num_threads() == 2

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_concepts.py [--methods nullspace cliperase] [--sets circle red ...]
         [--n 64] [--steps 10]
+    python benchmarks/bench_concepts.py --table      # the README table from benchmarks/results/concepts_*.json
 
 One row per (erased set, concept, method): found rates on prompts naming the concept (domain templates, paraphrases,
 held-out phrasings), retained accuracy of the erased attribute base → patched with its worst class, and the other
@@ -54,6 +55,44 @@ def run_nullspace(concepts: list[str], out: Path) -> tuple[Path, float]:
     return path, time.perf_counter() - t0
 
 
+def table_row(row: dict) -> str:
+    """One README table row (what each run prints)."""
+    kept = "; ".join(f"{o} {100 * v['base']:.0f} → {100 * v['patched']:.0f} %" for o, v in row["kept"].items())
+    wn = row["worst_neighbour"]
+    para = pct(row["found_paraphrase"]) if "found_paraphrase" in row else "–"
+    return (f"| {row['set']} | {row['concept']} | {row['method']} | {pct(row['found_named'])} | {para} | "
+            f"{pct(row['found_heldout'])} | {100 * row['retained_base']['rate']:.1f} → {pct(row['retained'])} | "
+            f"{wn['class']} {100 * wn['base']:.0f} → {100 * wn['patched']:.0f} % | {kept} | {row['erase_seconds']:.1f} |")
+
+
+def print_table() -> None:
+    """The README's table from the committed results of both methods, ordered as the benchmark's sets, and each
+    method's worst case against the issue-16 bars."""
+    rows = [r for f in OUTPUTS.values() if (RESULTS / f).is_file() for r in json.loads((RESULTS / f).read_text())["rows"]]
+    order = {s: k for k, s in enumerate(SINGLE + MULTI)}
+    rows.sort(key=lambda r: (order.get(r["set"], len(order)), r["set"], r["method"] != "nullspace"))
+    print("| erased | concept | method | found, named ↓ | found, paraphrase ↓ | found, held-out phrasing ↓ | "
+          "retained accuracy base → patched | worst class | other attributes kept (base → patched) | erase s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(table_row(r))
+    for method in ("nullspace", "cliperase"):
+        sel = [r for r in rows if r["method"] == method]
+        if not sel:
+            continue
+        found = max(sel, key=lambda r: max(r["found_named"]["rate"], r.get("found_paraphrase", {"rate": 0})["rate"]))
+        drop = max(sel, key=lambda r: r["retained_base"]["rate"] - r["retained"]["rate"])
+        kept = min(sel, key=lambda r: min([v["ratio"] for v in r["kept"].values()] or [1]))
+        misses = [r for r in sel if max(r["found_named"]["rate"], r.get("found_paraphrase", {"rate": 0})["rate"]) > 0.05
+                  or r["retained_base"]["rate"] - r["retained"]["rate"] > 0.03
+                  or min([v["ratio"] for v in r["kept"].values()] or [1]) < 0.8]
+        print(f"\n{method}: {len(sel)} rows ({len({r['set'] for r in sel})} sets), {len(sel) - len(misses)} meet every "
+              f"bar; worst found {found['set']}/{found['concept']}, worst retained drop {drop['set']}/{drop['concept']} "
+              f"({100 * (drop['retained_base']['rate'] - drop['retained']['rate']):.1f} points), worst kept "
+              f"{kept['set']}/{kept['concept']}; misses: "
+              + (", ".join(f"{r['set']}/{r['concept']}" for r in misses) or "none"))
+
+
 def pct(r: dict) -> str:
     return f"{100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f}]"
 
@@ -66,7 +105,10 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
     p.add_argument("--merge", action="store_true", help="keep the output's rows of the sets not re-run")
     p.add_argument("--output", default=None, help="default: results/concepts.json, or one file per single method")
+    p.add_argument("--table", action="store_true", help="only print the README table from the committed results")
     args = p.parse_args()
+    if args.table:
+        return print_table()
     args.output = args.output or str(RESULTS / OUTPUTS.get(tuple(args.methods), "concepts.json"))
     sets = [s.split("+") for s in args.sets]
     for s in sets:  # every name is checked before any model loads
@@ -93,13 +135,7 @@ def main():
                 row.update({"set": "+".join(concepts), "concept": concept, "method": method,
                             "erase_seconds": round(seconds, 2), "paired": result["paired"][concept]})
                 rows.append(row)
-                kept = "; ".join(f"{o} {100 * v['base']:.0f} → {100 * v['patched']:.0f} %" for o, v in row["kept"].items())
-                wn = row["worst_neighbour"]
-                print(f"| {row['set']} | {concept} | {method} | {pct(row['found_named'])} | "
-                      f"{pct(row['found_paraphrase']) if 'found_paraphrase' in row else '–'} | {pct(row['found_heldout'])} | "
-                      f"{100 * row['retained_base']['rate']:.1f} → {pct(row['retained'])} | "
-                      f"{wn['class']} {100 * wn['base']:.0f} → {100 * wn['patched']:.0f} % | {kept} | {seconds:.1f} s |",
-                      flush=True)
+                print(table_row(row), flush=True)
             write_json(Path(args.output), {"n": args.n, "steps": args.steps, "rows": rows}, merged_from=old)
     plot(rows, Path(args.output).with_suffix(".png"))
 

@@ -50,8 +50,8 @@ def _erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=float, default=1.0, help="α in [0, 1] (default 1)")
     parser.add_argument("--rank", type=int, default=None, help="cap on the LoRA rank (default: numerical rank)")
     parser.add_argument("--anchor", default=None,
-                        help="what the concept becomes (pipeline target; default 'object' in the miniature world, "
-                             "the empty word otherwise)")
+                        help="what the concept becomes (pipeline target; default in the miniature world: the class of "
+                             "its attribute least like it, e.g. circle → star; the empty word otherwise)")
     parser.add_argument("--mode", choices=("anchor", "project"), default="anchor")
     parser.add_argument("--template", action="append", default=None, metavar="TEMPLATE",
                         help="prompt template with one '{}' slot (repeatable; default: generic templates)")

@@ -105,7 +105,9 @@ def test_batch_uses_consecutive_seeds(app, base_pipe):
     assert len(gallery) == 4
     ref = base_pipe(PROMPT, num_inference_steps=2, guidance_scale=7.5, generator=torch.Generator().manual_seed(6),
                     output_type="pil").images[0]
-    assert np.array_equal(pixels(gallery[2][0]), pixels(ref))
+    # equal up to batching round-off: with 2+ CPU threads a batch of 2 and a batch of 1 reduce in different orders
+    diff = np.abs(pixels(gallery[2][0]) - pixels(ref))
+    assert diff.max() <= 1 and diff.mean() <= 0.01, (diff.max(), diff.mean())  # measured 1 / 0.0002
 
 
 def test_patches_are_loaded_once_and_cached(app, monkeypatch):

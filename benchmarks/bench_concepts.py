@@ -76,20 +76,25 @@ def print_table() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(table_row(r))
+    def found(r):  # the worse of the named and paraphrase found rates
+        return max(r["found_named"]["rate"], r.get("found_paraphrase", {"rate": 0})["rate"])
+
+    def drop(r):  # retained accuracy lost, in [0, 1]
+        return r["retained_base"]["rate"] - r["retained"]["rate"]
+
+    def kept(r):  # the least kept other attribute, relative to base
+        return min([v["ratio"] for v in r["kept"].values()] or [1])
+
     for method in ("nullspace", "cliperase"):
         sel = [r for r in rows if r["method"] == method]
         if not sel:
             continue
-        found = max(sel, key=lambda r: max(r["found_named"]["rate"], r.get("found_paraphrase", {"rate": 0})["rate"]))
-        drop = max(sel, key=lambda r: r["retained_base"]["rate"] - r["retained"]["rate"])
-        kept = min(sel, key=lambda r: min([v["ratio"] for v in r["kept"].values()] or [1]))
-        misses = [r for r in sel if max(r["found_named"]["rate"], r.get("found_paraphrase", {"rate": 0})["rate"]) > 0.05
-                  or r["retained_base"]["rate"] - r["retained"]["rate"] > 0.03
-                  or min([v["ratio"] for v in r["kept"].values()] or [1]) < 0.8]
+        worst_found, worst_drop, worst_kept = max(sel, key=found), max(sel, key=drop), min(sel, key=kept)
+        misses = [r for r in sel if found(r) > 0.05 or drop(r) > 0.03 or kept(r) < 0.8]
         print(f"\n{method}: {len(sel)} rows ({len({r['set'] for r in sel})} sets), {len(sel) - len(misses)} meet every "
-              f"bar; worst found {found['set']}/{found['concept']}, worst retained drop {drop['set']}/{drop['concept']} "
-              f"({100 * (drop['retained_base']['rate'] - drop['retained']['rate']):.1f} points), worst kept "
-              f"{kept['set']}/{kept['concept']}; misses: "
+              f"bar; worst found {worst_found['set']}/{worst_found['concept']}, worst retained drop "
+              f"{worst_drop['set']}/{worst_drop['concept']} ({100 * drop(worst_drop):.1f} points), worst kept "
+              f"{worst_kept['set']}/{worst_kept['concept']}; misses: "
               + (", ".join(f"{r['set']}/{r['concept']}" for r in misses) or "none"))
 
 

@@ -186,10 +186,10 @@ class _EditPrompts:
 
     filled: list
     p_filled: list
-    anchors: dict[str, str]  # concept → anchor
+    anchors: dict[str, str]  # erased word → its anchor
+    a_tokens: list[int]  # token count of each concept prompt's anchor word
     c_text: list[str] = field(init=False)
     a_text: list[str] = field(init=False)  # anchor prompt of each concept prompt
-    a_tokens: list[int] = field(init=False)  # token count of that anchor word
     p_text: list[str] = field(init=False)
 
     def __post_init__(self):
@@ -216,9 +216,9 @@ def _edit_prompts(tokenizer, concepts, protect, protect_prompts, synonyms, promp
     # one anchor for every concept, or one per concept; its paraphrases share it
     per_concept = anchor if isinstance(anchor, dict) else {c: anchor for c in concepts}
     per_concept = {c: GENERIC_ANCHOR if per_concept.get(c) is None else per_concept[c] for c in concepts}
-    P = _EditPrompts(filled, p_filled, {w: per_concept[c] for c in concepts for w in (c, *synonyms.get(c, ()))})
-    P.a_tokens = [n_tokens(tokenizer, P.anchors[w]) for _, w, _, _, _ in filled]
-    return P, per_concept
+    anchor_of = {w: per_concept[c] for c in concepts for w in (c, *synonyms.get(c, ()))}
+    a_tokens = [n_tokens(tokenizer, anchor_of[w]) for _, w, _, _, _ in filled]
+    return _EditPrompts(filled, p_filled, anchor_of, a_tokens), per_concept
 
 
 def _keys_and_targets(text_encoder, tokenizer, P: _EditPrompts, ci, pi, layer, L, start, mode, share, original,
@@ -560,11 +560,11 @@ def erase(
         pipe = pipe or load_pipeline(model)
         components = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
         penultimate = getattr(pipe, "text_encoder_2", None) is not None  # SDXL reads hidden_states[-2] of both
+        if anchor is None:  # the miniature world has one text encoder
+            anchor = miniworld_anchors(pipe.text_encoder, pipe.tokenizer, concepts) if mini else GENERIC_ANCHOR
         edits = {}
         for comp in components:
             tok, te = (pipe.tokenizer_2 if comp == "text_encoder_2" else pipe.tokenizer), getattr(pipe, comp)
-            if anchor is None:
-                anchor = miniworld_anchors(te, tok, concepts) if mini else GENERIC_ANCHOR
             edits[comp] = encoder_edits(te, tok, concepts, protect, layers=edit_layers(te, penultimate, depth),
                                         protect_prompts=protect_prompts, synonyms=syn, prompts=prompts, anchor=anchor,
                                         mode=mode, strength=strength, penultimate=penultimate,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .miniworld.domain import COLOURS, SHAPES, STYLE_WORDS, TEMPLATES, with_articles
+
 # Generic prompt templates for real models; the miniature world uses its own caption templates and fillers.
 GENERIC_TEMPLATES = (
     "{}",
@@ -27,6 +29,7 @@ GENERIC_TEMPLATES = (
     "a good photo of a {}",
     "a bright photo of a {}",
 )
+
 
 @dataclass(frozen=True)
 class PromptSet:
@@ -48,24 +51,19 @@ class PromptSet:
                 before, after = t.split("{}")
                 out.append((before, after))
             return out
-        from .miniworld.domain import COLOURS, SHAPES, STYLE_WORDS, TEMPLATES, with_articles
-
+        values = {"shape": list(SHAPES), "colour": list(COLOURS), "style": list(STYLE_WORDS.values())}
         # the slot the word fills; words outside the vocabulary (paraphrases, anchors) are shapes' words
         slot = "colour" if word in COLOURS else "style" if word in STYLE_WORDS else "shape"
         # every template with every value of the next attribute, the third rotating (a Latin design: 48 frames
         # for a shape or a colour, 40 for a style, instead of all 112 / 192)
-        rows, rotating = {"shape": (list(COLOURS), list(STYLE_WORDS.values())),
-                          "colour": (list(SHAPES), list(STYLE_WORDS.values())),
-                          "style": (list(COLOURS), list(SHAPES))}[slot]
+        row, rotate = {"shape": ("colour", "style"), "colour": ("shape", "style"), "style": ("colour", "shape")}[slot]
         seen, out = set(), []
         for i, t in enumerate(TEMPLATES):
             if "{" + slot + "}" not in t:
                 continue
-            for j, value in enumerate(rows):
-                other = rotating[(i + j) % len(rotating)]
-                fill = {"shape": {"colour": value, "style": other}, "colour": {"shape": value, "style": other},
-                        "style": {"colour": value, "shape": other}}[slot]
-                text = with_articles(t.format(**{slot: "\0", **fill}))
+            for j, value in enumerate(values[row]):
+                other = values[rotate][(i + j) % len(values[rotate])]
+                text = with_articles(t.format(**{slot: "\0", row: value, rotate: other}))
                 if text not in seen:
                     seen.add(text)
                     before, after = text.split("\0")
@@ -119,10 +117,9 @@ def fill(prompts: PromptSet, words, tokenizer, length, subset: int | None = None
         if n == 0:
             raise ValueError(f"concept {word!r} tokenizes to nothing")
         for before, after in frames[word]:
-            before = article(before, word)  # "an orange circle"
-            s = 1 + counts.get(before, n_tokens(tokenizer, before))
+            s = 1 + counts[before]  # "a" / "an" are one token each: the article below does not move the word
             if s + n + counts[after] + 1 <= length:
-                out.append((before, word, after, s, n))
+                out.append((article(before, word), word, after, s, n))  # "an orange circle"
     return out
 
 

@@ -81,6 +81,11 @@ def busy_cores(samples: int = 5, interval: float = 0.02) -> int:
     return sorted(counts)[len(counts) // 2]
 
 
+def _explicit_env() -> str | None:
+    """The first of ``EXPLICIT_ENVS`` the user set, if any."""
+    return next((v for v in EXPLICIT_ENVS if os.environ.get(v, "").strip()), None)
+
+
 def default_threads(cores: int | None = None, busy: int | None = None) -> int:
     cores = available_cores() if cores is None else cores
     busy = busy_cores() if busy is None else busy
@@ -96,7 +101,7 @@ def configure_threads(verbose: bool = False) -> dict:
         return _done
     import torch
 
-    explicit = next((v for v in EXPLICIT_ENVS if os.environ.get(v, "").strip()), None)
+    explicit = _explicit_env()
     decision: dict = {"source": None, "threads": None, "interop": None,
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)") + (
                           " (set before torch loaded)" if WAIT_POLICY_SET else "")}
@@ -129,8 +134,7 @@ def one_thread_if_small(n_params: int, device) -> object:
     """One intra-op thread while a small model trains on the CPU, unless the user set a thread count."""
     import torch
 
-    explicit = any(os.environ.get(v, "").strip() for v in EXPLICIT_ENVS)
-    if explicit or str(device) != "cpu" or n_params >= SMALL_MODEL_PARAMS:
+    if _explicit_env() or str(device) != "cpu" or n_params >= SMALL_MODEL_PARAMS:
         yield
         return
     before = torch.get_num_threads()

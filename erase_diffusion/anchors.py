@@ -6,9 +6,11 @@ world: a sibling class, measured at run time (``miniworld_anchors``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .concepts import miniworld_attribute
+from .concepts import ConceptSpec, miniworld_attribute
 from .miniworld.domain import COLOURS, SHAPES, STYLES
 from .prompts import PromptSet, article, tokenize
 
@@ -16,9 +18,18 @@ GENERIC_ANCHOR = ""
 MINIWORLD_ANCHOR = "object"  # only when every class of the concept's attribute is erased
 
 
+def with_default_anchor(spec: ConceptSpec, text_encoder, tokenizer, miniworld: bool) -> ConceptSpec:
+    """``spec`` with its anchor filled in when it leaves it open (both methods): the miniature world's measured
+    siblings, else the empty word."""
+    if spec.anchor is not None:
+        return spec
+    anchor = miniworld_anchors(text_encoder, tokenizer, spec.erase) if miniworld else GENERIC_ANCHOR
+    return dataclasses.replace(spec, anchor=anchor)
+
+
 @torch.no_grad()
 def miniworld_anchors(text_encoder, tokenizer, concepts: list[str]) -> dict[str, str]:
-    """The miniature world's anchors: for each concept, the not-erased class of its own attribute that the text
+    """The miniature world's anchors (``text_encoder``: a CLIP text model, or its ``text_model``): for each concept, the not-erased class of its own attribute that the text
     encoder finds least like it (pooled states averaged over the concept's frames; "object" when every class is
     erased). A colour or a style has no neutral value to become — every image has one — and "object" drew hexagons
     and stars (55 % and 17 % of the anchor prompts), so those could not be erased; the least similar sibling is
@@ -36,7 +47,8 @@ def miniworld_anchors(text_encoder, tokenizer, concepts: list[str]) -> dict[str,
         texts = [article(b, w) + w + a for w in words for b, a in frames]
         # the pooled state is the end token's; the encoder is causal, so the padding after it can be cut
         length = max(len(ids) for ids in tokenizer(texts).input_ids)
-        pooled = text_encoder(tokenize(tokenizer, texts, length).to(text_encoder.device)).pooler_output.float()
+        ids = tokenize(tokenizer, texts, length).to(next(text_encoder.parameters()).device)
+        pooled = text_encoder(input_ids=ids).pooler_output.float()
         mean = torch.nn.functional.normalize(pooled, dim=-1).reshape(len(words), len(frames), -1).mean(1)
         similarity = (mean[1:] @ mean[0]).tolist()
         out[c] = siblings[similarity.index(min(similarity))]

@@ -28,6 +28,15 @@ def forgetting_dot(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor
     return (F.normalize(img_emb, dim=-1) * F.normalize(txt_emb, dim=-1)).sum(-1).mean()
 
 
+def forgetting_anchored(img_emb: torch.Tensor, txt_emb: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Forgetting module, reading C (the pipeline default): the forget pairs' cosine pushed down only as far as
+    ``floor``, the original model's cosine of each image with its caption's anchored version ("a solid red circle"
+    → "a striped red circle"). Reading A pushes on toward −1, away from everything the image shows, and the pipeline
+    then lost the prompt's other attributes (solid erased: colour kept 44 % of prompts, base 91 %, n = 32)."""
+    cos = (F.normalize(img_emb, dim=-1) * F.normalize(txt_emb, dim=-1)).sum(-1)
+    return F.relu(cos - floor).mean()
+
+
 def forgetting_neg_contrastive(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Forgetting module, reading B: gradient ascent on the contrastive loss of forget pairs (unbounded below)."""
     return -contrastive(img_emb, txt_emb, logit_scale)
@@ -101,6 +110,7 @@ class TextTower:
     layer: int = -1
     pooled: bool = False
     forget_img: torch.Tensor | None = None  # image embeddings by the frozen vision tower
+    forget_floor: torch.Tensor | None = None  # the original's cosine of each forget image with its anchored caption
     retain_img: torch.Tensor | None = None
     retain_txt: torch.Tensor | None = None  # the original's pooled embeddings of every retain caption (consistency)
     targets: dict | None = None  # the original's read states of the anchor / retain prompts: {set: (states, pooled)}
@@ -188,8 +198,12 @@ class EraseObjective(torch.nn.Module):
         if w.forget:
             f_img = self.image_side(student, tower, "forget", batch["fi"])
             f_txt = encode_pooled(student, tok, batch["forget_captions"], device)
-            terms["forget"] = (forgetting_dot(f_img, f_txt) if self.forget_loss == "dot"
-                               else forgetting_neg_contrastive(f_img, f_txt, scale))
+            if self.forget_loss == "anchored":
+                terms["forget"] = forgetting_anchored(f_img, f_txt, tower.forget_floor[batch["fi"]])
+            elif self.forget_loss == "dot":
+                terms["forget"] = forgetting_dot(f_img, f_txt)
+            else:
+                terms["forget"] = forgetting_neg_contrastive(f_img, f_txt, scale)
         if w.retain or w.consistency:
             r_img = self.image_side(student, tower, "retain", batch["ri"])
             r_txt = encode_pooled(student, tok, batch["retain_captions"], device)

@@ -33,9 +33,9 @@ class ConceptArguments:
 
     erase_concept: list[str] = _arg([], "concept(s) to erase")
     keep_concepts: list[str] = _arg([], "concepts that must keep working", nargs="*")
-    # "object", not the closed form's sibling anchors: CLIPErase pulled toward the least similar sibling erased star
-    # (3 % found) but kept only 45 % of the prompted colours, and left striped at 59 % (n = 64 each)
-    anchor_concept: str = _arg("object", "what erased prompts should read as (token level)")
+    anchor_concept: str | None = _arg(
+        None, "what erased prompts should read as (token level; default: the empty word, or in the miniature world "
+              "the class of the concept's attribute least like it, as the closed form's)")
     concepts_file: str | None = _arg(None, "JSON/TOML with erase, paraphrases, keep, anchor")
 
     def spec(self, model: str) -> ConceptSpec:
@@ -73,7 +73,9 @@ class CLIPEraseConfig:
     output_dir: str = _arg("runs/erase")
     logging_dir: str = _arg("logs")
     # objective (paper weights: retention 1, forgetting 3, consistency 3; the token terms are this project's)
-    forget_loss: Literal["dot", "neg_contrastive"] = _arg("dot")
+    forget_loss: Literal["anchored", "dot", "neg_contrastive"] = _arg(
+        "anchored", "Forgetting module: 'dot' and 'neg_contrastive' are the paper's; 'anchored' stops where the "
+                    "anchored caption's original cosine is (--target clip: 'dot')")
     forget_weight: float = _arg(3.0)
     retain_weight: float = _arg(1.0)
     consistency_weight: float = _arg(3.0)
@@ -110,6 +112,8 @@ class CLIPEraseConfig:
     def __post_init__(self):
         if self.target == "clip":
             self.token_forget_weight = self.token_consistency_weight = 0.0
+            if self.forget_loss == "anchored":  # zero-shot must rank the erased caption below the others: the paper's
+                self.forget_loss = "dot"
             self.validation_steps = 0
 
     @property
@@ -139,8 +143,8 @@ class CLIPEraseConfig:
                                  "toward themselves")
         if not self.miniworld and not self.train_data_dir and not self.generate_data:
             raise ValueError("a model other than the miniature world needs --train_data_dir, or --generate_data")
-        if self.forget_loss not in ("dot", "neg_contrastive"):
-            raise ValueError("--forget_loss must be 'dot' or 'neg_contrastive'")
+        if self.forget_loss not in ("anchored", "dot", "neg_contrastive"):
+            raise ValueError("--forget_loss must be 'anchored', 'dot' or 'neg_contrastive'")
         if self.generate_data and (self.target != "pipeline" or not spec.keep):
             raise ValueError("--generate_data generates forget and retain images with the pipeline: it needs "
                              "--target pipeline and concepts to keep (--keep_concepts)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def prompt_sets(spec: ConceptSpec, miniworld: bool, seed: int = 0, n: int = 256)
             concept = next(c for c in spec.erase if word in spec.words(c))
             text = template.format(word)
         forget.append(text)
-        anchor.append(_replace(text, word, spec.anchor_for(concept)))
+        anchor.append(anchored(text, spec))
     if miniworld:
         retain = [_miniworld_prompt(rng, None, None, spec) for _ in range(n)]
     else:
@@ -147,5 +148,11 @@ def _miniworld_prompt(rng: random.Random, slot: str | None, word: str | None, sp
             return text
 
 
-def _replace(text: str, word: str, anchor: str) -> str:
-    return domain.with_articles(" ".join(text.replace(word, anchor).split()))
+def anchored(text: str, spec: ConceptSpec) -> str:
+    """``text`` with every erased word (paraphrases too, longest first) replaced by its concept's anchor ("": the
+    word dropped), and each indefinite article made to suit the word after it."""
+    for concept in spec.erase:
+        for word in sorted(spec.words(concept), key=len, reverse=True):
+            text = re.sub(rf"\b{re.escape(word)}\b", spec.anchor_for(concept), text, flags=re.IGNORECASE)
+    text = " ".join(text.split())
+    return re.sub(r"\b([Aa])n? (?=(\w))", lambda m: m[1] + ("n " if m[2][0].lower() in "aeiou" else " "), text)

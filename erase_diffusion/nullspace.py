@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from .anchors import GENERIC_ANCHOR, miniworld_anchors
+from .anchors import GENERIC_ANCHOR, with_default_anchor
 from .models import is_miniworld
 from .concepts import ConceptSpec, with_miniworld_defaults
 from .patch import Edit, LoraFactors, clip_core, factors_from_delta, fingerprint, save_patch
@@ -560,8 +560,7 @@ def erase(
         pipe = pipe or load_pipeline(model)
         components = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
         penultimate = getattr(pipe, "text_encoder_2", None) is not None  # SDXL reads hidden_states[-2] of both
-        if anchor is None:  # the miniature world has one text encoder
-            anchor = miniworld_anchors(pipe.text_encoder, pipe.tokenizer, concepts) if mini else GENERIC_ANCHOR
+        anchor = with_default_anchor(spec, pipe.text_encoder, pipe.tokenizer, mini).anchor  # miniworld: one encoder
         edits = {}
         for comp in components:
             tok, te = (pipe.tokenizer_2 if comp == "text_encoder_2" else pipe.tokenizer), getattr(pipe, comp)

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -30,6 +31,7 @@ from .checkpoints import (
     PATCH_NAME, check_output_dir, checkpoint_step, prepare_output_dir, register_trainable_state, restore_data_order,
     resume_checkpoint, save_checkpoint,
 )
+from .anchors import with_default_anchor
 from .cliperase import EraseObjective, LossWeights, TextTower, original, original_outputs
 from .concepts import ConceptSpec
 from .config import CLIPEraseConfig, ConceptArguments, parse_args
@@ -89,6 +91,8 @@ def train(spec: ConceptSpec, config: CLIPEraseConfig, accelerator: Accelerator |
 
     # 2. Models: per text encoder, the CLIP whose text tower it is, made trainable (LoRA, or full with a frozen copy).
     towers, students, pipe = load_towers(config, accelerator)
+    first = towers[0]  # the miniature world's anchors are measured with its one text encoder
+    spec = with_default_anchor(spec, students[first.name].text_model, first.tokenizer, config.miniworld)
     for student in students.values():
         make_trainable(student, config)
     if pipe is not None:
@@ -97,7 +101,7 @@ def train(spec: ConceptSpec, config: CLIPEraseConfig, accelerator: Accelerator |
     # 3. Data: forget/retain pairs embedded by each frozen vision tower, and the prompt sets of the token terms.
     forget, retain, prompts = load_data(spec, config, pipe)
     for tower in towers:
-        precompute_targets(tower, students[tower.name], forget, retain, prompts, config, accelerator.device)
+        precompute_targets(tower, students[tower.name], spec, forget, retain, prompts, config, accelerator.device)
     logger.info("forget pairs %d, retain pairs %d", len(forget.captions), len(retain.captions))
     if pipe is not None and not config.validation_steps:
         pipe = None  # only the validation grids need it from here on
@@ -114,7 +118,7 @@ def train(spec: ConceptSpec, config: CLIPEraseConfig, accelerator: Accelerator |
         accelerator.load_state(str(resume))
         global_step = checkpoint_step(resume)
         logger.info("resumed from %s at step %d", resume, global_step)
-    settings = {**config.settings(), **asdict(ConceptArguments.of(spec))}
+    settings = {**config.settings(), **asdict(ConceptArguments.of(spec)), "anchor": spec.anchor}
     if accelerator.is_main_process:
         accelerator.init_trackers("erase", config={k: v for k, v in settings.items()
                                                    if isinstance(v, (int, float, str, bool))})
@@ -168,8 +172,8 @@ def load_data(spec: ConceptSpec, config: CLIPEraseConfig, pipe) -> tuple:
     return forget, retain, pair_data.prompt_sets(spec, config.miniworld, seed=config.seed)
 
 
-def precompute_targets(tower: TextTower, student, forget, retain, prompts: dict, config: CLIPEraseConfig,
-                       device) -> None:
+def precompute_targets(tower: TextTower, student, spec: ConceptSpec, forget, retain, prompts: dict,
+                       config: CLIPEraseConfig, device) -> None:
     """Everything the original model contributes to the loss is fixed: computed once here, not at every step (image
     embeddings by the frozen vision tower, the original's pooled retain captions and read prompt states)."""
     processor = None if config.miniworld else CLIPImageProcessor.from_pretrained(resolve(tower.clip, "clip"))
@@ -177,6 +181,9 @@ def precompute_targets(tower: TextTower, student, forget, retain, prompts: dict,
     with original(student.to(device), tower) as ref:
         tower.forget_img, tower.retain_img = image_embeddings(ref, f_pix), image_embeddings(ref, r_pix)
         tower.retain_txt = original_outputs(ref, tower, retain.captions, device, pooled_only=True)
+        anchored = original_outputs(ref, tower, [pair_data.anchored(c, spec) for c in forget.captions], device,
+                                    pooled_only=True)
+        tower.forget_floor = F.cosine_similarity(anchored, tower.forget_img, dim=-1)
         tower.targets = {k: original_outputs(ref, tower, prompts[k], device) for k in ("anchor", "retain")}
     longest = max(len(ids) for ids in tower.tokenizer(prompts["forget"] + prompts["retain"]).input_ids)
     tower.fit = min(tower.tokenizer.model_max_length, longest + 1)

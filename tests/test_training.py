@@ -356,3 +356,31 @@ def test_generic_anchor_prompts_stay_paired_with_their_forget_prompts():
     for f, a in zip(sets["forget"], sets["anchor"]):
         assert "fruit" in a and "apple" not in a
         assert a == " ".join(f.replace("apple pie" if "apple pie" in f else "apple", "fruit").split())
+
+
+def test_forgetting_anchored_pushes_only_down_to_the_floor():
+    img = torch.randn(4, 16)
+    txt = img.clone().requires_grad_(True)
+    floor = torch.tensor([2.0, 2.0, 0.0, 0.0])  # pairs 0-1 already below their floor: no loss, no gradient
+    loss = cliperase.forgetting_anchored(img, txt, floor)
+    assert torch.isclose(loss, torch.tensor(0.5))  # (0 + 0 + 1 + 1) / 4
+    loss.backward()
+    assert txt.grad[:2].abs().max() == 0 and txt.grad[2:].abs().max() < 1e-6  # cos = 1 is a maximum
+    tilted = (img + 0.5 * torch.randn(4, 16)).requires_grad_(True)
+    cliperase.forgetting_anchored(img, tilted, floor).backward()
+    assert tilted.grad[:2].abs().max() == 0 and tilted.grad[2:].abs().max() > 0
+
+
+def test_anchored_captions_replace_every_erased_word_and_fix_articles():
+    from erase_diffusion.anchors import with_default_anchor
+    from erase_diffusion.concepts import ConceptSpec
+    from erase_diffusion.data import anchored
+
+    spec = ConceptSpec(["orange", "circle"], {"circle": ["round shape"]}, anchor={"orange": "cyan", "circle": ""})
+    assert anchored("an orange circle", spec) == "a cyan"
+    assert anchored("a picture of an Orange round shape", spec) == "a picture of a cyan"
+    assert anchored("a striped orange square", spec) == "a striped cyan square"
+    assert anchored("a red square", ConceptSpec(["red"], anchor="orange")) == "an orange square"
+    # the anchor a spec leaves open: the empty word off the miniature world; one that is given is kept
+    assert with_default_anchor(ConceptSpec(["cat"]), None, None, miniworld=False).anchor == ""
+    assert with_default_anchor(ConceptSpec(["cat"], anchor="dog"), None, None, miniworld=True).anchor == "dog"

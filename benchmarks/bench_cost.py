@@ -272,7 +272,8 @@ def main() -> None:
 def real_part(res, tok, args):
     """Real-size costs. ``tok``: token ids < 49408 fit CLIP-L's table; the vocabulary does not change the cost."""
     if True:
-        from erase_diffusion.nullspace import PromptSet, encoder_edit
+        from erase_diffusion.nullspace import encoder_edit
+        from erase_diffusion.prompts import PromptSet
 
         te = clip_l_text_encoder()
         _, secs, peak = measure(lambda: encoder_edit(te, tok, ["circle"], [], prompts=PromptSet(), anchor=""))

@@ -31,6 +31,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from erase_diffusion import measure, nullspace as ns  # noqa: E402
 from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
 from erase_diffusion.concepts import ConceptSpec, miniworld_spec  # noqa: E402
+from erase_diffusion.encoder_states import conditioning  # noqa: E402
+from erase_diffusion.patch import clip_core  # noqa: E402
+from erase_diffusion.prompts import PromptSet  # noqa: E402
 from erase_diffusion.miniworld import domain  # noqa: E402
 from erase_diffusion.models import load_clip, load_pipeline  # noqa: E402
 from erase_diffusion.patch import apply_to_clip, load_patch, patch_deltas  # noqa: E402
@@ -46,7 +49,7 @@ def apply_pipeline_patch(pipe, path, strength=1.0):
     patch = load_patch(path)
     for comp in patch.components:
         te = copy.deepcopy(getattr(pipe, comp))
-        modules = dict(ns.clip_core(te).named_modules())
+        modules = dict(clip_core(te).named_modules())
         for name, delta in patch_deltas(patch, comp).items():
             key = name.removeprefix("text_model.")  # path inside clip_core(te), on both layouts
             with torch.no_grad():
@@ -69,14 +72,14 @@ def time_clip_l(tok):
     for _ in range(REPEATS):
         t0 = time.perf_counter()
         edit = ns.encoder_edit(te, tok, ["circle"], ["square", "star", "heart"], protect_prompts=exact,
-                               synonyms={"circle": ("disc",)}, prompts=ns.PromptSet(), anchor="")
+                               synonyms={"circle": ("disc",)}, prompts=PromptSet(), anchor="")
         seconds.append(time.perf_counter() - t0)
     seconds = statistics.median(seconds)
-    base = ns.conditioning(te, tok, exact)
-    fc2 = ns.clip_core(te).encoder.layers[edit.layer].mlp.fc2
+    base = conditioning(te, tok, exact)
+    fc2 = clip_core(te).encoder.layers[edit.layer].mlp.fc2
     with torch.no_grad():
         fc2.weight += edit.delta
-    diff = float((ns.conditioning(te, tok, exact) - base).abs().max())
+    diff = float((conditioning(te, tok, exact) - base).abs().max())
     return {"seconds": seconds, "exact_protected_max_abs_diff": diff, **{k: edit.stats.get(k) for k in
             ("exact_protected_rank", "n_concept_prompts", "n_soft_protected_prompts", "target_residual",
              "soft_protected_rel_change")}}
@@ -130,11 +133,11 @@ def main(argv=None) -> int:
     edited = apply_pipeline_patch(pipe, path)
     tok = pipe.tokenizer
     if out["protect_prompts"]:
-        d = ns.conditioning(edited.text_encoder, tok, out["protect_prompts"]) - ns.conditioning(
+        d = conditioning(edited.text_encoder, tok, out["protect_prompts"]) - conditioning(
             pipe.text_encoder, tok, out["protect_prompts"])
         out["exact_protected_max_abs_diff"] = float(d.abs().max())
     kept = [c.prompt for c in measure.eval_prompts(shapes=retained, per_pair=1, seed=2)]
-    b, n = ns.conditioning(pipe.text_encoder, tok, kept), ns.conditioning(edited.text_encoder, tok, kept)
+    b, n = conditioning(pipe.text_encoder, tok, kept), conditioning(edited.text_encoder, tok, kept)
     out["soft_protected_rel_norm_diff"] = float((n - b).norm() / b.norm())
     out["soft_protected_max_abs_diff"] = float((n - b).abs().max())
 

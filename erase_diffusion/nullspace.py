@@ -1,57 +1,36 @@
 """Data-free, closed-form concept erasure: concept names in, a small LoRA patch out; no images, no gradient steps.
 
-Two targets, one idea (``reference/methods.md`` §2):
+``target="clip"`` (zero-shot classification / retrieval): the image-side projection edit of ``clip_projection.py``.
 
-``target="clip"`` (zero-shot classification / retrieval): the image-side projection edit in ``clip_projection.py``.
+``target="pipeline"`` (Stable Diffusion reads the 77 per-token hidden states): a regularised least-squares edit
+(UCE-style) of one MLP ``fc2`` of the text encoder — the last layer for SD 1.x/2.x, the layer SDXL reads (the
+penultimate) for both SDXL encoders — solved by ``least_squares.solve`` on the fc2 inputs K at every token position:
 
-``target="pipeline"`` (Stable Diffusion reads the 77 per-token hidden states, not the projection)
-    A regularised least-squares edit (UCE-style, methods.md §2.4 variant (b) carried to §2.6) of one MLP ``fc2``
-    inside the text encoder: the last layer for SD 1.x/2.x, the layer SDXL reads (the penultimate one) for both SDXL
-    encoders. With K the fc2 inputs (one column per token position, all 77 positions of each prompt):
+    K_c  concept prompts (frames × the concept and its paraphrases); R: the wanted change of the read state there
+    K_p  softly protected concepts' prompts (``protect``: a spread subset of the frames × each word)
+    Q    basis of the exactly protected prompts' span (``protect_prompts``, the empty prompt first): ΔW Q = 0
 
-        K_c  concept prompts (frames × the concept and its paraphrases)
-        R    wanted change of the read hidden state at those tokens (zero before the concept word)
-        K_p  softly protected concepts' prompts (``protect``: a spread subset of the frames × each word)
-        Q    orthonormal basis of the exactly protected prompts' span (``protect_prompts``), P = I − Q Qᵀ
+* **Soft protection** of whole concepts (λ_p = ``protect_weight`` per token relative to a concept token): their
+  prompts stay close, not equal. Exact protection of a whole concept is impossible at these widths: every prompt
+  brings ~77 token positions (padding included), so one concept's prompts span the whole fc2 input (512 in the
+  miniature world, 3072 in CLIP-L), the erased concept's activations included.
+* **Exact protection** of a few prompts: their text-encoder output stays the base model's (≤ 1e-4, checked). Each
+  takes ~77 dimensions; more than ``PROTECT_BUDGET`` of the width is refused with the number that fits (~3 in the
+  miniature world, ~20 in CLIP-L). The empty prompt is always kept (``protect_empty``): classifier-free guidance reads
+  it at every step of every generation (an encoder too narrow for it keeps it in the least-squares sense, warned).
+* ``depth`` > 1 spreads the edit over the read layer and the ``depth - 1`` below it (EMCID-style, ``encoder_edits``);
+  on the miniature world it did not lower the red / star / striped found rates, so the default is 1.
 
-        ΔW = R (P K_c)ᵀ (P K_c K_cᵀ P + λ_p P K_p K_pᵀ P + μ I)⁻¹        (one Cholesky solve, fc2-input width)
+R is ``mode="anchor"`` (default): the original's read state of the token-aligned prompt with the anchor in place of
+the concept (``anchors.with_default_anchor``: the empty word; the least similar sibling in the miniature world),
+minus the concept prompt's state; or ``mode="project"``: minus the state's component along the concept's own
+subspace. The edited layer's output is the read state plus a residual, so the change is linear in ΔW: strength α goes
+exactly α of the way. ΔW ships as LoRA factors of its numerical rank (or ``rank``), plus zero factors on the same
+layer's ``self_attn.out_proj``: diffusers refuses text-encoder LoRA files that name no attention projection.
 
-    (rows of P K: the system is block-diagonal on range(P) ⊕ range(Q), so ΔW Q = 0 up to round-off, then exactly).
-
-    * **Soft protection** of whole concepts (λ_p = ``protect_weight`` per token relative to a concept token; default
-      10): the other shapes' prompts stay close, not equal. Exact protection of whole concepts is impossible at these
-      widths: every prompt brings ~77 independent token positions (padding included), so the span of one concept's
-      prompts fills the fc2 input (512 in the miniature world, 3072 in CLIP-L) and contains the erased concept's
-      activations too. Default on the miniature world: the erased attribute's other classes.
-    * **Exact protection** of a few specific prompts (``protect_prompts``): ΔW Q = 0, so their text-encoder output
-      equals the base model's (checked numerically, ≤ 1e-4). They take ~77 dimensions each; more than
-      ``PROTECT_BUDGET`` of the width is refused with the number of prompts that fit (~3 in the miniature world's
-      512 with the 50 % budget, ~20 in CLIP-L). Default on the miniature world: ``MINIWORLD_PROTECT_PROMPTS``.
-      The empty prompt is always among them (``protect_empty``): classifier-free guidance reads its conditioning at
-      every step of every generation, so a change there is a change to every image (an encoder too narrow for its
-      span keeps it in the least-squares sense, with a warning).
-    * ``depth`` > 1 spreads the edit over the read layer and the ``depth - 1`` layers below it (``encoder_edits``,
-      EMCID-style: each layer takes 1 / (layers left) of the remaining way, fitted with the earlier ones applied).
-      Measured on the miniature world it did not help (red / star / striped found rates not lower, striped's
-      higher), so the default is 1.
-    * μ = ``ridge`` (1e-2) × the mean eigenvalue of P K_c K_cᵀ P keeps the system well conditioned.
-
-    R is either ``mode="anchor"`` (default): the read state of the token-aligned prompt with the anchor word in place
-    of the concept, minus the concept prompt's state (anchor: the empty word for real models; in the miniature world
-    the sibling class least like the concept, ``anchors.miniworld_anchors``: "object" drew hexagons and stars, so
-    those two could not be erased, and a colour or style has no neutral value), or
-    ``mode="project"``: minus the component of the state along
-    the concept's own subspace (relative to the protected words' mean). Because the edited layer's output *is* the
-    read state (plus a residual connection), the change is linear in ΔW: strength α gives exactly α of the way.
-    ΔW ships as LoRA factors of its numerical rank (or ``rank``), plus a zero-factor entry on the same layer's
-    ``self_attn.out_proj`` because diffusers refuses text-encoder LoRA files without an attention projection
-    (ecosystem.md §2.3).
-
-    Cost: encoder passes dominate (about 700 prompts on the miniature world, 72 for the generic templates), then one
-    Cholesky factorisation at the fc2-input width. The encoder is causal, so every prompt runs on its first
-    ``fit_length`` = 24 positions only (words, end token, first padding: exact states), and every ``full_every`` = 8th
-    prompt also on all 77, its later padding positions weighted by 8 in the least squares. Soft protection uses a
-    seeded subset of ``protect_frames`` = 32 frames per protected word.
+Cost: encoder passes dominate (~700 prompts on the miniature world, 72 for the generic templates), then one Cholesky
+factorisation at the fc2-input width. The encoder is causal, so every prompt runs on its first ``FIT_LENGTH`` = 24
+positions (exact states there), and every ``FULL_EVERY`` = 8th also on all 77, its later positions weighted by 8.
 """
 
 from __future__ import annotations
@@ -66,15 +45,14 @@ from pathlib import Path
 import torch
 
 from .anchors import GENERIC_ANCHOR, with_default_anchor
-from .models import is_miniworld
 from .concepts import ConceptSpec, with_miniworld_defaults
+from .clip_projection import clip_projection
+from .encoder_states import finite, read_layer_index, run_encoder
+from .least_squares import check_target, fit_stats, free_rows, orth_basis, solve
+from .models import is_miniworld, load_clip, load_pipeline
 from .patch import Edit, LoraFactors, clip_core, factors_from_delta, fingerprint, save_patch
 from .prompts import GENERIC_TEMPLATES, PromptSet, aligned_positions, article, fill, n_tokens, names, tokenize
 
-# a concept whose target needs more than this fraction of the hidden width (90 % of the energy) is refused
-MAX_RANK_FRACTION = 0.75
-# the exactly protected prompts' span leaves less than this fraction of the concept's activation energy
-MIN_FREE_ENERGY = 1e-7
 # at most this fraction of the fc2 input width may be taken by the exactly protected prompts (~77 dims each)
 PROTECT_BUDGET = 0.5
 # λ_p per protected token relative to a concept token, and μ relative to the concept Gram's mean eigenvalue
@@ -93,57 +71,6 @@ FIT_LENGTH = 24
 FULL_EVERY = 8
 
 
-# ----------------------------------------------------------------------------------------------- text-encoder probes
-def _finite(*tensors: torch.Tensor) -> bool:
-    """All entries finite, checked on sums (a NaN / inf entry makes the sum NaN / inf; 50× cheaper than isfinite)."""
-    return all(bool(torch.isfinite(t.sum(dtype=torch.float64))) for t in tensors)
-
-
-class _Stop(Exception):
-    """Raised by a forward hook to end an encoder pass once the layer of interest has run."""
-
-
-@torch.no_grad()
-def _run_encoder(text_encoder, input_ids: torch.Tensor, layer: int, batch: int = 256):
-    """(fc2 inputs of ``layer``, read hidden states after ``layer``) for every token: (N, T, inter), (N, T, hidden).
-
-    The read state is the residual stream right after ``layer`` (before any final LayerNorm). The pass stops there:
-    the layers above are not needed."""
-    block = clip_core(text_encoder).encoder.layers[layer]
-    keys, reads, grab = [], [], {}
-
-    def stop(module, inp, out):
-        grab["h"] = out[0] if isinstance(out, tuple) else out
-        raise _Stop
-
-    handles = [block.mlp.fc2.register_forward_hook(lambda m, inp, out: grab.__setitem__("k", inp[0])),
-               block.register_forward_hook(stop)]
-    try:
-        for i in range(0, len(input_ids), batch):
-            try:
-                text_encoder(input_ids[i : i + batch].to(text_encoder.device))
-            except _Stop:
-                pass
-            keys.append(grab["k"].float().cpu())
-            reads.append(grab["h"].float().cpu())
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.cat(keys), torch.cat(reads)
-
-
-def read_layer_index(text_encoder, penultimate: bool) -> int:
-    n = text_encoder.config.num_hidden_layers
-    return n - 2 if penultimate else n - 1
-
-
-@torch.no_grad()
-def conditioning(text_encoder, tokenizer, prompts: list[str], penultimate: bool = False) -> torch.Tensor:
-    """The token states a pipeline reads: last layer + final LayerNorm (SD 1.x/2.x) or the penultimate layer (SDXL)."""
-    out = text_encoder(tokenize(tokenizer, prompts).to(text_encoder.device), output_hidden_states=True)
-    return out.hidden_states[-2] if penultimate else out.last_hidden_state
-
-
 @dataclass
 class EncoderEdit:
     """One fc2 edit of one text encoder, plus what was measured while building it."""
@@ -151,32 +78,6 @@ class EncoderEdit:
     layer: int
     delta: torch.Tensor  # (out, in), already scaled by the strength
     stats: dict = field(default_factory=dict)
-
-
-def _orth_basis(K: torch.Tensor, rtol: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Orthonormal bases, float64, of the column span of K (d, N) — singular values above rtol · σ_max — and, when
-    K has more than d / 4 columns, of its orthogonal complement (else None: projecting rows is then cheaper)."""
-    d, n = K.shape
-    if n == 0:
-        return torch.zeros(d, 0, dtype=torch.float64), None
-    if 2 * n <= d:  # few columns: an SVD is cheap and the most accurate
-        U, S, _ = torch.linalg.svd(K.double(), full_matrices=4 * n > d)
-    else:  # d × d Gram eigenproblem
-        evals, U = torch.linalg.eigh(K.double() @ K.double().T)
-        order = evals.argsort(descending=True)
-        S, U = evals[order].clamp_min(0).sqrt(), U[:, order]
-    k = int((S > rtol * S[0]).sum()) if S[0] > 0 else 0
-    return U[:, :k], (U[:, k:] if U.shape[1] == d and 4 * n > d else None)
-
-
-def _free_rows(K: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor | None) -> torch.Tensor:
-    """K's rows with their span(Q) part removed, float32 row by row (float32 Grams of projected rows stay PSD; a
-    float32 Gram projected afterwards does not when span(Q) holds most of the energy). Given the complement basis Z,
-    the rows come in its coordinates (d − k columns): the same Gram in fewer flops when span(Q) is large."""
-    if Z is not None:
-        return K @ Z.float()
-    Qf = Q.float()
-    return K - (K @ Qf) @ Qf.T
 
 
 @dataclass
@@ -226,12 +127,12 @@ def _keys_and_targets(text_encoder, tokenizer, P: _EditPrompts, ci, pi, layer, L
     """Step 2: concept keys, targets and bearing flags, and protected keys, at positions [start, L) of concept
     prompts ``ci`` and protected prompts ``pi`` (mode "project" fills ``proj`` on its first call)."""
     a_text = list(dict.fromkeys(P.a_text[i] for i in ci)) if mode == "anchor" else []
-    K, H = _run_encoder(text_encoder, tokenize(tokenizer, [P.c_text[i] for i in ci] + [P.p_text[i] for i in pi], L),
+    K, H = run_encoder(text_encoder, tokenize(tokenizer, [P.c_text[i] for i in ci] + [P.p_text[i] for i in pi], L),
                         layer)
     if a_text:
         with original():  # the anchor's states in the unedited encoder: the target of every layer
-            H_a = _run_encoder(text_encoder, tokenize(tokenizer, a_text, L), layer)[1]
-    if not _finite(K, H, *([H_a] if a_text else [])):
+            H_a = run_encoder(text_encoder, tokenize(tokenizer, a_text, L), layer)[1]
+    if not finite(K, H, *([H_a] if a_text else [])):
         raise ValueError("the text encoder returns NaN/inf activations (degenerate weights?)")
     nc = len(ci)
     K_c, H_c, K_p, H_p = K[:nc], H[:nc], K[nc:], H[nc:]
@@ -265,17 +166,17 @@ def _exact_span(text_encoder, tokenizer, protect_prompts, layer, d_in, budget, p
     """Step 3: the exactly kept prompts (the empty one first) and an orthonormal basis Q of their fc2 inputs' span
     (all 77 tokens each), plus its complement Z where that is cheaper to work in."""
     exact = ([""] if protect_empty else []) + list(protect_prompts)
-    K_x = _run_encoder(text_encoder, tokenize(tokenizer, exact), layer)[0] if exact else torch.zeros(0, 1, d_in)
-    if not _finite(K_x):
+    K_x = run_encoder(text_encoder, tokenize(tokenizer, exact), layer)[0] if exact else torch.zeros(0, 1, d_in)
+    if not finite(K_x):
         raise ValueError("the text encoder returns NaN/inf activations for the protected prompts")
-    Q, Z = _orth_basis(K_x.reshape(-1, d_in).T, rtol)
+    Q, Z = orth_basis(K_x.reshape(-1, d_in).T, rtol)
     empty_exact = protect_empty
-    if Q.shape[1] > budget and protect_empty and _orth_basis(K_x[0].T, rtol)[0].shape[1] > budget:
+    if Q.shape[1] > budget and protect_empty and orth_basis(K_x[0].T, rtol)[0].shape[1] > budget:
         # an encoder too narrow for the empty prompt's 77 positions (tiny test models; CLIP-L has 3072): said, not hidden
         warnings.warn(f"the empty prompt alone spans more than {budget} of the {d_in} fc2-input dimensions: it is "
                       "kept only in the least-squares sense", stacklevel=3)
         exact, empty_exact, K_x = exact[1:], False, K_x[1:]
-        Q, Z = _orth_basis(K_x.reshape(-1, d_in).T, rtol)
+        Q, Z = orth_basis(K_x.reshape(-1, d_in).T, rtol)
     if Q.shape[1] > budget:
         per = Q.shape[1] / max(1, len(exact))
         raise ValueError(
@@ -283,61 +184,6 @@ def _exact_span(text_encoder, tokenizer, protect_prompts, layer, d_in, budget, p
             f"dimensions (budget {budget}, ~{per:.0f} per prompt): at most {int(budget // per)} such prompts fit "
             "this encoder; protect whole concepts softly with --protect instead")
     return exact, empty_exact, K_x, Q, Z
-
-
-def _check_target(Kc, Kc_free, Rm, bearing) -> tuple[float, int]:
-    """Step 4: refuse an edit the exact span leaves no room for, or a target wider than the hidden state allows."""
-    free = float((Kc_free[bearing] ** 2).sum() / (Kc[bearing] ** 2).sum().clamp_min(1e-30))
-    if free < MIN_FREE_ENERGY:
-        raise ValueError(f"the exactly protected prompts cover the concept: only {free:.2e} of the concept "
-                         "activations' energy lies outside their span; protect fewer or less related prompts")
-    sv = torch.linalg.svdvals(Rm[bearing].double())  # effective dimension of the wanted change vs the hidden width
-    energy = (sv**2).cumsum(0) / (sv**2).sum().clamp_min(1e-30)
-    eff_rank = int((energy < 0.9).sum()) + 1
-    if eff_rank > MAX_RANK_FRACTION * Rm.shape[1]:
-        raise ValueError(
-            f"the concept prompts span too large a subspace: the change needs {eff_rank} of {Rm.shape[1]} "
-            f"dimensions for 90 % of its energy (cap {MAX_RANK_FRACTION:.0%}); erase narrower concepts one at a time")
-    return free, eff_rank
-
-
-def _solve(Kc, Kc_free, Kp, Rm, bearing, Q, Z, protect_weight, ridge) -> tuple[torch.Tensor, float, float]:
-    """Step 5: soft protection + ridge on the complement of the exact span (the system is block-diagonal in
-    range(P) ⊕ range(Q) and the right-hand side lies in range(P), so the solution does too):
-
-        ΔW = R (P K_c)ᵀ (P (K_c K_cᵀ + λ_p K_p K_pᵀ) P + μ I)⁻¹
-
-    λ_p is per protected token relative to a concept token (protect_weight · #concept / #protected rows); μ = ridge ·
-    the mean eigenvalue of P K_c K_cᵀ P. One Cholesky factorisation at the fc2-input width (or, in the complement's
-    coordinates, at its width: the same solution). Returns ΔW (float64), μ, λ_p."""
-    d_in = Kc.shape[-1]
-    G = Kc_free.T @ Kc_free
-    mu = ridge * float(torch.diagonal(G).sum()) / d_in
-    lam = 0.0
-    if len(Kp) and protect_weight > 0:
-        lam = protect_weight * Kc.shape[0] / Kp.shape[0]
-        Kp_free = _free_rows(Kp, Q, Z)
-        G += lam * (Kp_free.T @ Kp_free)
-    G = G.double() + mu * torch.eye(G.shape[0], dtype=torch.float64)
-    rhs = (Kc_free[bearing].T @ Rm[bearing]).double()  # (in, out); the prefix rows' target is 0
-    delta = torch.cholesky_solve(rhs, torch.linalg.cholesky(G)).T
-    if Z is not None:
-        delta = delta @ Z.T  # back from the complement's coordinates
-    return delta - (delta @ Q) @ Q.T, mu, lam  # exact annihilation of the protected span (removes round-off)
-
-
-@torch.no_grad()
-def _fit_stats(unit, Kc, Rm, bearing, Kp, K_x) -> dict:
-    """How far the concept tokens get toward the target at α = 1 (relative residual), and how much the protected
-    tokens' fc2 output moves."""
-    err = ((Kc @ unit.T - Rm)[bearing] ** 2).sum() / (Rm[bearing] ** 2).sum().clamp_min(1e-30)
-    stats = {"target_residual": float(err.sqrt())}
-    if len(Kp):  # soft-protected tokens' change, relative to the concept's wanted change
-        rms_p = (Kp @ unit.T).pow(2).sum(-1).mean().sqrt()
-        stats["soft_protected_rel_change"] = float(rms_p / Rm[bearing].pow(2).sum(-1).mean().sqrt())
-    if len(K_x):
-        stats["exact_protected_max_abs_change_fc2_out"] = float((K_x @ unit.T).abs().max())
-    return stats
 
 
 def encoder_edit(
@@ -401,9 +247,9 @@ def encoder_edit(
                                                 int(protect_budget * d_in), protect_empty, protect_rtol)
 
     # 4. refusals, 5. the solve
-    Kc_free = _free_rows(Kc, Q, Z)
-    free, eff_rank = _check_target(Kc, Kc_free, Rm, bearing)
-    unit, mu, lam = _solve(Kc, Kc_free, Kp, Rm, bearing, Q, Z, protect_weight, ridge)
+    Kc_free = free_rows(Kc, Q, Z)
+    free, eff_rank = check_target(Kc, Kc_free, Rm, bearing)
+    unit, mu, lam = solve(Kc, Kc_free, Kp, Rm, bearing, Q, Z, protect_weight, ridge)
 
     stats = {
         "layer": layer,
@@ -421,7 +267,7 @@ def encoder_edit(
         "target_effective_rank": eff_rank,
         "protect_lambda": lam,
         "ridge_mu": mu,
-        **_fit_stats(unit.float(), Kc, Rm, bearing, Kp, K_x),
+        **fit_stats(unit.float(), Kc, Rm, bearing, Kp, K_x),
         "seconds": time.perf_counter() - t0,
     }
     return EncoderEdit(layer, (strength * unit).float(), stats)
@@ -542,9 +388,6 @@ def erase(
                 "synonyms": {k: list(v) for k, v in syn.items() if v}, "n_frames": len(prompts.frames(concepts[0]))}
 
     if target == "clip":
-        from .clip_projection import clip_projection
-        from .models import load_clip
-
         clip_model, tokenizer = clip or load_clip(model)
         D, stats = clip_projection(clip_model, tokenizer, concepts, protect, synonyms=syn, prompts=prompts)
 
@@ -555,8 +398,6 @@ def erase(
         settings.update(stats)
         method = "nullspace-clip"
     else:
-        from .models import load_pipeline
-
         pipe = pipe or load_pipeline(model)
         components = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
         penultimate = getattr(pipe, "text_encoder_2", None) is not None  # SDXL reads hidden_states[-2] of both

@@ -12,10 +12,13 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTextModelWith
 
 from erase_diffusion import clip_projection as cp, nullspace as ns
 from erase_diffusion.concepts import ConceptSpec
+from erase_diffusion.encoder_states import conditioning
+from erase_diffusion.patch import clip_core
+from erase_diffusion.prompts import PromptSet
 from tiny_models import _text_config, sd_pipeline, sdxl_pipeline, tokenizer
 
 TEMPLATES = ("a photo of a {}", "a red {} on a dark background")
-PROMPTS = ns.PromptSet(TEMPLATES)
+PROMPTS = PromptSet(TEMPLATES)
 PROTECTED = ["a photo of a square", "a red square on a dark background"]
 CONCEPT = ["a photo of a circle", "a red circle on a dark background"]
 ANCHORED = ["a photo of a star", "a red star on a dark background"]
@@ -37,7 +40,7 @@ def sd():
 
 def with_delta(te, edit):
     te = copy.deepcopy(te)
-    fc2 = ns.clip_core(te).encoder.layers[edit.layer].mlp.fc2
+    fc2 = clip_core(te).encoder.layers[edit.layer].mlp.fc2
     with torch.no_grad():
         fc2.weight += edit.delta
     return te
@@ -48,22 +51,22 @@ def test_protected_prompts_exact_and_concept_reaches_anchor(sd):
     edit = ns.encoder_edit(te, tok, ["circle"], ["square"], protect_prompts=PROTECTED, prompts=PROMPTS, anchor="star")
     assert 0 < edit.stats["exact_protected_rank"] <= 3 * 77  # the two prompts and the empty one
     new = with_delta(te, edit)
-    before = ns.conditioning(te, tok, PROTECTED + [""])
-    assert (ns.conditioning(new, tok, PROTECTED + [""]) - before).abs().max() <= 1e-4  # "" always: CFG reads it
-    target = ns.conditioning(te, tok, ANCHORED)
-    d0 = (ns.conditioning(te, tok, CONCEPT) - target).norm()
-    d1 = (ns.conditioning(new, tok, CONCEPT) - target).norm()
+    before = conditioning(te, tok, PROTECTED + [""])
+    assert (conditioning(new, tok, PROTECTED + [""]) - before).abs().max() <= 1e-4  # "" always: CFG reads it
+    target = conditioning(te, tok, ANCHORED)
+    d0 = (conditioning(te, tok, CONCEPT) - target).norm()
+    d1 = (conditioning(new, tok, CONCEPT) - target).norm()
     assert d1 < 0.2 * d0, (d0, d1)  # training prompts: close to the anchor
 
 
 def test_soft_protection_reduces_protected_change(sd):
     te, tok = sd.text_encoder, sd.tokenizer
     kept = ["a photo of a heart", "a red heart on a dark background"]  # softly protected, not exact
-    base = ns.conditioning(te, tok, kept)
+    base = conditioning(te, tok, kept)
     change = {}
     for weight in (0.0, 1.0, 10.0):
         edit = ns.encoder_edit(te, tok, ["circle"], ["heart"], prompts=PROMPTS, anchor="star", protect_weight=weight)
-        change[weight] = float((ns.conditioning(with_delta(te, edit), tok, kept) - base).norm())
+        change[weight] = float((conditioning(with_delta(te, edit), tok, kept) - base).norm())
         assert 0 < edit.stats["exact_protected_rank"] <= 77  # only the empty prompt
     assert change[1.0] < 0.5 * change[0.0] and change[10.0] < change[1.0], change
 
@@ -72,8 +75,8 @@ def test_project_mode_moves_concept(sd):
     te, tok = sd.text_encoder, sd.tokenizer
     edit = ns.encoder_edit(te, tok, ["circle"], ["square"], protect_prompts=PROTECTED, prompts=PROMPTS, mode="project")
     new = with_delta(te, edit)
-    assert (ns.conditioning(new, tok, PROTECTED) - ns.conditioning(te, tok, PROTECTED)).abs().max() <= 1e-4
-    assert (ns.conditioning(new, tok, CONCEPT) - ns.conditioning(te, tok, CONCEPT)).abs().max() > 1e-2
+    assert (conditioning(new, tok, PROTECTED) - conditioning(te, tok, PROTECTED)).abs().max() <= 1e-4
+    assert (conditioning(new, tok, CONCEPT) - conditioning(te, tok, CONCEPT)).abs().max() > 1e-2
 
 
 def test_strength_scales_linearly_and_zero_is_identity(sd):
@@ -84,7 +87,7 @@ def test_strength_scales_linearly_and_zero_is_identity(sd):
     zero = ns.encoder_edit(te, tok, ["circle"], ["square"], strength=0.0, **kw)
     assert torch.allclose(half.delta, 0.5 * full.delta, atol=1e-6)
     assert zero.delta.abs().max() == 0
-    assert torch.equal(ns.conditioning(with_delta(te, zero), tok, CONCEPT), ns.conditioning(te, tok, CONCEPT))
+    assert torch.equal(conditioning(with_delta(te, zero), tok, CONCEPT), conditioning(te, tok, CONCEPT))
 
 
 def test_unprotected_empty_prompt_moves_and_protected_one_does_not(sd):
@@ -92,7 +95,7 @@ def test_unprotected_empty_prompt_moves_and_protected_one_does_not(sd):
     change = {}
     for keep in (False, True):
         edit = ns.encoder_edit(te, tok, ["circle"], [], prompts=PROMPTS, anchor="star", protect_empty=keep)
-        change[keep] = float((ns.conditioning(with_delta(te, edit), tok, [""]) - ns.conditioning(te, tok, [""])).abs().max())
+        change[keep] = float((conditioning(with_delta(te, edit), tok, [""]) - conditioning(te, tok, [""])).abs().max())
     assert change[True] <= 1e-4 < change[False], change
 
 
@@ -106,11 +109,11 @@ def test_multi_layer_edit_keeps_protection_and_reaches_the_anchor(sd):
     new = copy.deepcopy(te)
     for edit in edits:
         with torch.no_grad():
-            ns.clip_core(new).encoder.layers[edit.layer].mlp.fc2.weight += edit.delta
-    assert (ns.conditioning(new, tok, PROTECTED + [""]) - ns.conditioning(te, tok, PROTECTED + [""])).abs().max() <= 1e-4
-    target = ns.conditioning(te, tok, ANCHORED)
-    d0 = (ns.conditioning(te, tok, CONCEPT) - target).norm()
-    assert (ns.conditioning(new, tok, CONCEPT) - target).norm() < 0.2 * d0
+            clip_core(new).encoder.layers[edit.layer].mlp.fc2.weight += edit.delta
+    assert (conditioning(new, tok, PROTECTED + [""]) - conditioning(te, tok, PROTECTED + [""])).abs().max() <= 1e-4
+    target = conditioning(te, tok, ANCHORED)
+    d0 = (conditioning(te, tok, CONCEPT) - target).norm()
+    assert (conditioning(new, tok, CONCEPT) - target).norm() < 0.2 * d0
     assert all(torch.equal(v, before[k]) for k, v in te.state_dict().items())  # the encoder is left bit for bit
     with pytest.raises(ValueError, match="depth must lie"):
         ns.edit_layers(te, penultimate=False, depth=3)
@@ -136,11 +139,11 @@ def test_patch_loads_in_diffusers_and_equals_manual_edit(sd, tmp_path):
                                             prompts=PROMPTS, anchor="star"))
     pipe = copy.deepcopy(sd)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="erase")
-    loaded = ns.conditioning(pipe.text_encoder, tok, CONCEPT + PROTECTED)
-    assert (loaded - ns.conditioning(manual, tok, CONCEPT + PROTECTED)).abs().max() <= 1e-4
-    assert (loaded[2:] - ns.conditioning(te, tok, PROTECTED)).abs().max() <= 1e-4
+    loaded = conditioning(pipe.text_encoder, tok, CONCEPT + PROTECTED)
+    assert (loaded - conditioning(manual, tok, CONCEPT + PROTECTED)).abs().max() <= 1e-4
+    assert (loaded[2:] - conditioning(te, tok, PROTECTED)).abs().max() <= 1e-4
     pipe.set_adapters("erase", 0.0)  # adapter weight 0 gives back the base model
-    assert (ns.conditioning(pipe.text_encoder, tok, CONCEPT) - ns.conditioning(te, tok, CONCEPT)).abs().max() <= 1e-6
+    assert (conditioning(pipe.text_encoder, tok, CONCEPT) - conditioning(te, tok, CONCEPT)).abs().max() <= 1e-6
 
 
 def test_sdxl_both_encoders_penultimate(tmp_path):
@@ -149,11 +152,11 @@ def test_sdxl_both_encoders_penultimate(tmp_path):
     pipe.text_encoder_2 = wide_encoder(layers=5, cls=CLIPTextModelWithProjection, seed=1)
     spec = ConceptSpec(["circle"], keep=["square"], protect_prompts=PROTECTED, anchor="star")
     path = ns.erase("tiny-xl", spec, templates=list(TEMPLATES), output=tmp_path / "xl.safetensors", pipe=pipe)
-    base = [ns.conditioning(te, pipe.tokenizer, CONCEPT + PROTECTED, penultimate=True)
+    base = [conditioning(te, pipe.tokenizer, CONCEPT + PROTECTED, penultimate=True)
             for te in (pipe.text_encoder, pipe.text_encoder_2)]
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     for te, b in zip((pipe.text_encoder, pipe.text_encoder_2), base):
-        after = ns.conditioning(te, pipe.tokenizer, CONCEPT + PROTECTED, penultimate=True)
+        after = conditioning(te, pipe.tokenizer, CONCEPT + PROTECTED, penultimate=True)
         assert (after[2:] - b[2:]).abs().max() <= 1e-4
         assert (after[:2] - b[:2]).abs().max() > 1e-2
 
@@ -171,7 +174,7 @@ def test_miniworld_defaults():
     assert spec.paraphrases == {"red": [], "green": []}
     with pytest.raises(ValueError, match="vocabulary"):
         with_miniworld_defaults(ConceptSpec(["dog"]))
-    prompts = ns.PromptSet(miniworld=True)
+    prompts = PromptSet(miniworld=True)
     assert len(prompts.frames("circle")) == 48
     # the word goes into the slot of its own attribute, the others vary: a colour is never put where a shape goes
     from erase_diffusion.miniworld.domain import COLOURS, SHAPES, STYLES
@@ -275,7 +278,7 @@ def test_protected_span_covering_concept_is_refused(clip):
 def test_nan_weights_are_refused(sd):
     te = copy.deepcopy(sd.text_encoder)
     with torch.no_grad():
-        ns.clip_core(te).encoder.layers[0].mlp.fc1.weight.fill_(float("nan"))
+        clip_core(te).encoder.layers[0].mlp.fc1.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN"):
         ns.encoder_edit(te, sd.tokenizer, ["circle"], ["square"], prompts=PROMPTS)
 

@@ -14,9 +14,6 @@ from pathlib import Path
 
 from .miniworld import domain
 
-GENERIC_TEMPLATES = ("{}", "a photo of a {}", "a picture of a {}", "a painting of a {}", "an image of a {}",
-                     "a close-up photo of a {}", "a drawing of a {}", "{} in the style of a photograph")
-
 
 @dataclass
 class ConceptSpec:

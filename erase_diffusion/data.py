@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .concepts import GENERIC_TEMPLATES, ConceptSpec, miniworld_attribute
+from .concepts import ConceptSpec, miniworld_attribute
 from .miniworld import domain
+from .prompts import GENERIC_TEMPLATES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 

@@ -5,7 +5,7 @@
 
 One pipeline is loaded once. Every ``.safetensors`` patch in ``--patch_dir`` is listed; a selected patch is loaded once
 as a diffusers adapter (cached by file name) and switched per request with ``set_adapters`` (per-patch strengths) and
-``disable_lora()`` / ``enable_lora()`` for the original. Uploads are validated with ``erase_diffusion.patch.load_patch``
+``disable_lora()`` / ``enable_lora()`` for the original. Uploads are validated with ``erase_diffusion.patch_reader.load_patch``
 (never unpickled) before they are copied into the folder; "Erase now" runs the closed-form ``nullspace.erase`` on the
 loaded pipeline and the new patch joins the picker.
 
@@ -234,7 +234,7 @@ class EraseApp:
 
     def describe(self, name: str) -> dict:
         """The patch's metadata (``describe_patch``), cached per file version."""
-        from erase_diffusion.patch import describe_patch
+        from erase_diffusion.patch_reader import describe_patch
 
         path = self.resolve_patch(name)
         st = path.stat()
@@ -296,7 +296,8 @@ class EraseApp:
 
     def upload(self, file, selected=None):
         """Handler: validate an uploaded file, copy it into the patch folder; returns (picker update, message)."""
-        from erase_diffusion.patch import PatchError, load_patch
+        from erase_diffusion.patch_format import PatchError
+        from erase_diffusion.patch_reader import load_patch
 
         if file is None:
             raise gr.Error("no file uploaded")

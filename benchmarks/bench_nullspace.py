@@ -36,7 +36,8 @@ from erase_diffusion.patch import clip_core  # noqa: E402
 from erase_diffusion.prompts import PromptSet  # noqa: E402
 from erase_diffusion.miniworld import domain  # noqa: E402
 from erase_diffusion.models import load_clip, load_pipeline  # noqa: E402
-from erase_diffusion.patch import apply_to_clip, load_patch, patch_deltas  # noqa: E402
+from erase_diffusion.patch import apply_to_clip, patch_deltas  # noqa: E402
+from erase_diffusion.patch_reader import load_patch  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)

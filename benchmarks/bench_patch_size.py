@@ -17,7 +17,9 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from _record import write_json  # adds the "meta" block (commit, command, started, finished)
-from erase_diffusion.patch import LoraFactors, describe_patch, fingerprint, load_patch, write_patch
+from erase_diffusion.patch import fingerprint, write_patch
+from erase_diffusion.patch_format import LoraFactors
+from erase_diffusion.patch_reader import describe_patch, load_patch
 
 FULL_ENCODER_BYTES = 0.49e9  # AdvUnlearn ships a whole fp32 CLIP-L text encoder (~0.49e9 bytes = 0.46 GiB)
 

@@ -11,19 +11,10 @@ from .concepts import ConceptSpec, miniworld_spec  # noqa: E402
 from .config import CLIPEraseConfig  # noqa: E402
 from .models import load_clip, load_judge, load_pipeline, resolve  # noqa: E402
 from .nullspace import erase  # noqa: E402
-from .patch import (  # noqa: E402
-    Edit,
-    LoraFactors,
-    Patch,
-    PatchError,
-    apply_to_clip,
-    describe_patch,
-    export_kohya,
-    factors_from_delta,
-    fingerprint,
-    load_patch,
-    save_patch,
-)
+from .kohya import export_kohya  # noqa: E402
+from .patch import Edit, apply_to_clip, factors_from_delta, fingerprint, save_patch  # noqa: E402
+from .patch_format import LoraFactors, Patch, PatchError  # noqa: E402
+from .patch_reader import describe_patch, load_patch  # noqa: E402
 
 __all__ = [
     "ConceptSpec", "miniworld_spec", "load_clip", "load_judge", "load_pipeline", "resolve", "erase",

@@ -405,7 +405,8 @@ def evaluate(pipe_name: str = "miniworld", patch=None, spec: ConceptSpec | None 
     Raises ValueError (PatchError) before any generation for a patch that does not fit the pipeline, an empty prompt
     set, or a concept the judge cannot label."""
     from .models import load_clip, load_judge, load_pipeline
-    from .patch import apply_to_clip, load_patch
+    from .patch import apply_to_clip
+    from .patch_reader import load_patch
     from .pipelines.loading import check_patch, load_patches
 
     if spec is None:
@@ -539,7 +540,7 @@ def add_cli_arguments(parser, command: str = "evaluate") -> None:
 
 def cli_main(args) -> int:
     from .atomic import check_output
-    from .patch import load_patch
+    from .patch_reader import load_patch
 
     # every refusal before the minutes of generation: the outputs, the patch file, the settings
     for name in ("metrics.json", "report.html"):

@@ -178,7 +178,7 @@ def cli_main(args) -> int:
 
     from .atomic import check_output
     from .models import load_judge, load_pipeline
-    from .patch import load_patch
+    from .patch_reader import load_patch
     from .pipelines.loading import check_cli_strengths, load_patches
 
     # every refusal before the pipeline loads

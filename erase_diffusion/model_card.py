@@ -1,5 +1,5 @@
 """The model card beside each patch (``huggingface_hub.ModelCard``): ``patch.save_patch`` writes it as
-``<patch>.md`` from the patch's description (``patch.describe_patch``) and the run's figures."""
+``<patch>.md`` from the patch's description (``patch_reader.describe_patch``) and the run's figures."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def write_model_card(d: dict, output, figures: dict | None = None, license: str 
     data = ModelCardData(license=license, library_name="diffusers", tags=["lora", "concept-erasure", "text-encoder"],
                          base_model=d["base_model"])
     fig_rows = "\n".join(f"| {k} | {v} |" for k, v in figure_rows(figures)) or "| (none measured) | |"
-    kohya = "no" if d["kind"] == "full" or "clip" in d["components"] else "yes (`erase-diffusion export-kohya`)"
+    kohya = "no" if "clip" in d["components"] else "yes (`erase-diffusion export-kohya`)"
     content = f"""---
 {data.to_yaml()}
 ---
@@ -61,7 +61,7 @@ A {d["kind"]}-mode erase-diffusion patch ({d["size_bytes"]:,} bytes, {d["paramet
 ## Use
 
 ```python
-pipe.load_lora_weights("{Path(d["path"]).name}", adapter_name="erase")   # plain diffusers{" (lora kind only)" if d["kind"] == "full" else ""}
+pipe.load_lora_weights("{Path(d["path"]).name}", adapter_name="erase")   # plain diffusers
 pipe.set_adapters("erase", adapter_weights=1.0)  # strength; disable_lora() for the original
 ```
 

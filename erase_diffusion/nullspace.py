@@ -50,7 +50,8 @@ from .clip_projection import clip_projection
 from .encoder_states import finite, read_layer_index, run_encoder
 from .least_squares import check_target, fit_stats, free_rows, orth_basis, solve
 from .models import is_miniworld, load_clip, load_pipeline
-from .patch import Edit, LoraFactors, clip_core, factors_from_delta, fingerprint, save_patch
+from .patch import Edit, clip_core, factors_from_delta, fingerprint, save_patch
+from .patch_format import LoraFactors
 from .prompts import GENERIC_TEMPLATES, PromptSet, aligned_positions, article, fill, n_tokens, names, tokenize
 
 # at most this fraction of the fc2 input width may be taken by the exactly protected prompts (~77 dims each)

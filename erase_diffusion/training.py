@@ -37,7 +37,8 @@ from .concepts import ConceptSpec
 from .config import CLIPEraseConfig, ConceptArguments, parse_args
 from .measure import image_embeddings, miniworld_metrics, save_grid
 from .models import load_clip, load_pipeline, resolve
-from .patch import TEXT_ENCODERS, Edit, LoraFactors, clip_core, factors_from_delta, fingerprint, save_patch, write_card
+from .patch import Edit, clip_core, factors_from_delta, fingerprint, save_patch, write_card
+from .patch_format import TEXT_ENCODERS, LoraFactors
 from .pipelines.loading import find_linear
 from .threads import one_thread_if_small
 
@@ -92,6 +93,7 @@ def train(spec: ConceptSpec, config: CLIPEraseConfig, accelerator: Accelerator |
     # 2. Models: per text encoder, the CLIP whose text tower it is, made trainable (LoRA, or full with a frozen copy).
     towers, students, pipe = load_towers(config, accelerator)
     first = towers[0]  # the miniature world's anchors are measured with its one text encoder
+    given = ConceptArguments.of(spec)  # recorded as the caller named the concepts, as the command line records them
     spec = with_default_anchor(spec, students[first.name].text_model, first.tokenizer, config.miniworld)
     for student in students.values():
         make_trainable(student, config)
@@ -118,7 +120,7 @@ def train(spec: ConceptSpec, config: CLIPEraseConfig, accelerator: Accelerator |
         accelerator.load_state(str(resume))
         global_step = checkpoint_step(resume)
         logger.info("resumed from %s at step %d", resume, global_step)
-    settings = {**config.settings(), **asdict(ConceptArguments.of(spec)), "anchor": spec.anchor}
+    settings = {**config.settings(), **asdict(given), "anchor": spec.anchor}
     if accelerator.is_main_process:
         accelerator.init_trackers("erase", config={k: v for k, v in settings.items()
                                                    if isinstance(v, (int, float, str, bool))})

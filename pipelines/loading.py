@@ -8,8 +8,8 @@ calls work on a loaded pipeline too, for example::
     pipe.set_adapters(["erase_a", "erase_b"], adapter_weights=[1.0, 0.5])
     pipe.delete_adapters("erase_a"); pipe.get_list_adapters()
 
-``set_strengths`` / ``fuse`` / ``unfuse`` / ``unload`` below only add checks (names exist, strengths are finite numbers)
-and pick the text-encoder components for ``fuse_lora``/``unfuse_lora`` (diffusers' SD default is unet + text_encoder).
+``set_strengths`` / ``fuse`` / ``unfuse`` below only add checks (names exist, strengths are finite numbers) and pick
+the text-encoder components for ``fuse_lora``/``unfuse_lora`` (diffusers' SD default is unet + text_encoder).
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
-from erase_diffusion.atomic import atomic_dir
-from erase_diffusion.patch import TEXT_ENCODERS, Patch, PatchError, fingerprint, load_patch
+from erase_diffusion.atomic import atomic_dir, check_output
+from erase_diffusion.models import load_pipeline
+from erase_diffusion.patch import fingerprint
+from erase_diffusion.patch_format import TEXT_ENCODERS, Patch, PatchError
+from erase_diffusion.patch_reader import load_patch
 
 
 MAX_CLI_STRENGTH = 2.0  # as the demo's slider: beyond it a patch over-shoots its own edit
@@ -85,7 +89,6 @@ def check_patch(pipe, patch: Patch, *, force: bool = False) -> None:
     for component in te_parts:
         te = getattr(pipe, component)
         mods = {m: (f.B.shape[0], f.A.shape[1]) for m, f in patch.layers.get(component, {}).items()}
-        mods.update({m: tuple(d.shape) for m, d in patch.full.get(component, {}).items()})
         for module, (out_f, in_f) in mods.items():
             lin = find_linear(te, module)
             if lin is None:
@@ -108,7 +111,7 @@ def check_patch(pipe, patch: Patch, *, force: bool = False) -> None:
 
 
 def _lora_state_dict(patch: Patch, components: list[str]) -> dict[str, torch.Tensor]:
-    """In-memory diffusers state dict: the LoRA factors, plus each dense ΔW as exact full-rank factors.
+    """In-memory diffusers state dict of the LoRA factors of ``components`` (the text encoders).
 
     No metadata goes with an in-memory dict, so diffusers infers alpha = r per module (scale 1, ΔW = B @ A).
     """
@@ -117,14 +120,6 @@ def _lora_state_dict(patch: Patch, components: list[str]) -> dict[str, torch.Ten
         for module, f in patch.layers.get(component, {}).items():
             sd[f"{component}.{module}.lora_A.weight"] = f.A
             sd[f"{component}.{module}.lora_B.weight"] = f.B
-        for module, d in patch.full.get(component, {}).items():
-            out_f, in_f = d.shape
-            if in_f <= out_f:
-                A, B = torch.eye(in_f, dtype=d.dtype), d
-            else:
-                A, B = d, torch.eye(out_f, dtype=d.dtype)
-            sd[f"{component}.{module}.lora_A.weight"] = A.contiguous()
-            sd[f"{component}.{module}.lora_B.weight"] = B.contiguous()
     return sd
 
 
@@ -137,8 +132,6 @@ def _snapshot(pipe) -> dict:
     """What ``_restore`` needs to undo a half-done load: per component its module objects, its tensors (references,
     not copies: loading adds wrappers and adapter weights but never writes into the base weights), the adapter state
     of every peft layer and the peft bookkeeping."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     snap = {}
     for c, model in _lora_components(pipe).items():
         modules = dict(model.named_modules())
@@ -158,8 +151,6 @@ def _restore(pipe, snap: dict) -> None:
     """Put every component back as ``_snapshot`` saw it: new peft wrappers replaced by the original modules, adapters
     added to existing wrappers deleted, the old active adapters and peft config back. Checks the result is the very
     same tensors under the same names (raises RuntimeError otherwise: the pipeline must not be used)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     for c, model in _lora_components(pipe).items():
         s = snap.get(c)
         if s is None:
@@ -232,9 +223,9 @@ def load_patches(pipe, patches, strengths=1.0, adapter_names=None, force: bool =
         for patch, name in zip(loaded_patches, adapter_names):
             components = [c for c in patch.components if c in TEXT_ENCODERS]
             try:
-                if patch.kind == "lora" and "clip" not in patch.components:
+                if "clip" not in patch.components:
                     pipe.load_lora_weights(str(patch.path), adapter_name=name)  # exactly what a user would call
-                else:  # full mode / CLIPModel-only modules: our loader hands diffusers an in-memory LoRA state dict
+                else:  # CLIPModel-only modules too: our loader hands diffusers the text encoders' LoRA in memory
                     pipe.load_lora_weights(_lora_state_dict(patch, components), adapter_name=name)
             except Exception as err:  # validated, yet diffusers / peft refused it: still the patch's fault
                 reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -273,20 +264,12 @@ def unfuse(pipe) -> None:
     pipe.unfuse_lora(components=text_encoder_components(pipe))
 
 
-def unload(pipe) -> None:
-    """``unload_lora_weights()``: drop all LoRA layers (already fused deltas stay in the weights)."""
-    pipe.unload_lora_weights()
-
-
 def bake(model: str, patches, strengths=1.0, output_dir=None, force: bool = False, overwrite: bool = False) -> Path:
     """Load ``model``, load and fuse the patches into its text encoder(s), save the result as a new pipeline folder.
 
     Written to a temporary folder beside ``output_dir`` and renamed into place; an existing non-empty ``output_dir``
     is refused unless ``overwrite``. The output and the patch files are checked before the model loads.
     """
-    from erase_diffusion.atomic import check_output
-    from erase_diffusion.models import load_pipeline
-
     if output_dir is None:
         raise ValueError("bake needs an output_dir")
     output_dir = check_output(output_dir, overwrite=overwrite, folder=True, option="output_dir")
@@ -297,7 +280,7 @@ def bake(model: str, patches, strengths=1.0, output_dir=None, force: bool = Fals
     pipe = load_pipeline(model)
     names = load_patches(pipe, patches, strengths, force=force)
     fuse(pipe, names)
-    unload(pipe)
+    pipe.unload_lora_weights()  # drop the LoRA layers: the fused deltas stay in the weights
     with atomic_dir(output_dir) as tmp:
         pipe.save_pretrained(tmp)
     return output_dir

@@ -32,7 +32,8 @@ def tiny_setup(patch_dir: Path):
     import torch
     from tiny_models import sd_pipeline
 
-    from erase_diffusion.patch import LoraFactors, fingerprint, write_patch
+    from erase_diffusion.patch import fingerprint, write_patch
+    from erase_diffusion.patch_format import LoraFactors
 
     pipe = sd_pipeline()
     g = torch.Generator().manual_seed(0)

@@ -20,8 +20,9 @@ import gradio as gr  # noqa: E402
 
 import app as app_module  # noqa: E402
 from app import EraseApp, build_demo, generate_pair  # noqa: E402
-from erase_diffusion import patch as patch_format  # noqa: E402
-from erase_diffusion.patch import LoraFactors, fingerprint  # noqa: E402
+from erase_diffusion import patch as patch_module  # noqa: E402
+from erase_diffusion.patch import fingerprint  # noqa: E402
+from erase_diffusion.patch_format import LoraFactors  # noqa: E402
 
 PROMPT = "a photo of a red circle"
 FAST = dict(negative_prompt="", seed=3, steps=2, guidance=7.5, size=64, batch=1)
@@ -39,7 +40,7 @@ def write_patch(pipe, path, seed=0, scale=0.5):
         layers[f"text_model.encoder.layers.{i}.self_attn.out_proj"] = LoraFactors(
             A=torch.randn(2, lin.in_features, generator=g) * scale, B=torch.randn(lin.out_features, 2, generator=g) * scale
         )
-    patch_format.write_patch(path, {"text_encoder": layers}, method="test", settings={"seed": seed},
+    patch_module.write_patch(path, {"text_encoder": layers}, method="test", settings={"seed": seed},
                              erased=["circle"], protected=["square"], base_model="tiny",
                              fingerprints={"text_encoder": fingerprint(te)})
     return Path(path)

@@ -6,10 +6,11 @@ patch strength (a patch that changes nothing). Small prompt sets and few samplin
 thresholds leave a wide margin to the measured values (noted beside each).
 
 Measured on 2 shared CPU cores: base generations show circle in 15/16 named and 14/16 paraphrase prompts (10 steps);
-CLIPErase at 40 steps takes zero-shot circle from 99 % to 0 % with the retained classes at 96 % before and after.
+CLIPErase (`--target clip`) at 100 steps takes zero-shot circle from 99 % to 0 % with the retained classes at 96 % before
+and 97 % after.
 
-Checked by breaking a scratch copy: ``forgetting_dot`` or ``token_forgetting`` with the sign flipped fails both
-``test_cliperase_*`` (zero-shot circle stays 99 % / 94 %); ``found_mask`` and ``miniworld_metrics``' found share
+Checked by breaking a scratch copy: ``forgetting_dot`` with the sign flipped fails the zero-shot test (circle stays
+99 %), ``token_forgetting`` flipped failed the generation test (when it was measured); ``found_mask`` and ``miniworld_metrics``' found share
 inverted fail the three evaluator tests; ``save_patch`` writing B × 0 (strength 0) fails every test that expects an
 erasure.
 """
@@ -27,7 +28,8 @@ from erase_diffusion import measure
 from erase_diffusion.concepts import miniworld_spec
 from erase_diffusion.models import load_clip, load_judge, load_pipeline
 from erase_diffusion.nullspace import erase
-from erase_diffusion.patch import apply_to_clip, load_patch
+from erase_diffusion.patch import apply_to_clip
+from erase_diffusion.patch_reader import load_patch
 from erase_diffusion.pipelines.loading import load_patches
 from erase_diffusion.training import main
 
@@ -36,7 +38,8 @@ pytestmark = pytest.mark.slow  # generates images with the trained miniature wor
 CONCEPT = "circle"
 RETAINED = [s for s in measure.classes("shape") if s != CONCEPT]
 STEPS = 10  # sampling steps for every generation here
-CLIPERASE_STEPS = 40  # 30 leaves zero-shot circle at 88 %; 40 takes it to 0 % (train_batch_size 32)
+CLIPERASE_STEPS = 40  # the pipeline default (generations: 0/16 circle)
+CLIP_TARGET_STEPS = 100  # --target clip: 60 steps leave zero-shot circle at 28 %, 100 take it to 0 %
 
 # prompt sets: 16 naming circle, 16 paraphrasing it ("disc", "round shape"), 28 naming the other shapes
 NAMED = measure.eval_prompts(shapes=(CONCEPT,), per_pair=2, seed=1)
@@ -102,12 +105,23 @@ def cliperase_patch(tmp_path_factory):
     return Path(metrics["patch"])
 
 
-def test_cliperase_lowers_zero_shot_of_the_erased_class_only(world, cliperase_patch):
-    before, after = world["zero_shot"], zero_shot_with(world, cliperase_patch)
+@pytest.fixture(scope="module")
+def cliperase_clip_patch(tmp_path_factory):
+    """CLIPErase for CLIP zero-shot use (``--target clip``): the paper's unbounded forgetting. The pipeline default
+    ('anchored') stops at the anchored caption's cosine, so zero-shot there ties circle with its anchor by design."""
+    out = tmp_path_factory.mktemp("cliperase_clip")
+    metrics = main(["--erase_concept", CONCEPT, "--target", "clip", "--max_train_steps", str(CLIP_TARGET_STEPS),
+                    "--report_to", "none", "--eval_generations", "0", "--checkpointing_steps", "1000",
+                    "--output_dir", str(out)])
+    return Path(metrics["patch"])
+
+
+def test_cliperase_lowers_zero_shot_of_the_erased_class_only(world, cliperase_clip_patch):
+    before, after = world["zero_shot"], zero_shot_with(world, cliperase_clip_patch)
     assert after[CONCEPT] <= 0.2, after  # measured 0 % (base 99 %)
     assert before[CONCEPT] - after[CONCEPT] >= 0.7
-    assert _retain(after) >= _retain(before) - 0.05, after  # measured 96.1 % → 96.1 %
-    assert min(after[c] for c in RETAINED) >= 0.75  # no retained class collapses (lowest: cross 90 → 85 %)
+    assert _retain(after) >= _retain(before) - 0.05, after  # measured 96.1 % → 96.7 %
+    assert min(after[c] for c in RETAINED) >= 0.75  # no retained class collapses (lowest: cross 90 → 83 %)
 
 
 def test_cliperase_generations_lose_the_concept_and_keep_the_rest(world, cliperase_patch):

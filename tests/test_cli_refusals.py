@@ -26,7 +26,8 @@ class Expensive(AssertionError):
 def _write_patches(folder: Path) -> dict[str, Path]:
     from tiny_models import sd_pipeline
 
-    from erase_diffusion.patch import LoraFactors, fingerprint, write_patch
+    from erase_diffusion.patch import fingerprint, write_patch
+    from erase_diffusion.patch_format import LoraFactors
 
     te = sd_pipeline().text_encoder
     q = te.encoder.layers[0].self_attn.q_proj

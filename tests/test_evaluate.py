@@ -13,7 +13,7 @@ from tiny_models import sd2_pipeline, sd_pipeline
 
 from erase_diffusion import attacks, evaluate as ev
 from erase_diffusion.concepts import ConceptSpec, miniworld_spec
-from erase_diffusion.patch import PatchError
+from erase_diffusion.patch_format import PatchError
 
 
 def test_retrieval_recall_constructed_case():

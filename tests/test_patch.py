@@ -1,4 +1,5 @@
-"""erase_diffusion.patch: factors, file format, validation, fingerprints, kohya export, CLIPModel merge."""
+"""erase_diffusion.patch, .patch_format, .patch_reader, .kohya: factors, file format, validation, fingerprints, kohya
+export, CLIPModel merge."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from test_pipelines_loading import IDS, maxdiff, make_patch, manual, random_fact
 from tiny_models import sd_pipeline, sdxl_pipeline
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel
 
-from erase_diffusion.patch import (
-    LoraFactors, PatchError, apply_to_clip, describe_patch, export_kohya, factors_from_delta, fingerprint, load_patch,
-    write_patch,
-)
+from erase_diffusion.kohya import export_kohya
+from erase_diffusion.patch import apply_to_clip, factors_from_delta, fingerprint, write_patch
+from erase_diffusion.patch_format import LoraFactors, PatchError, content_sha256
+from erase_diffusion.patch_reader import describe_patch, load_patch
 
 
 def test_factors_from_delta_exact_and_truncated():
@@ -126,7 +127,9 @@ def test_bad_files_are_clear_errors(tmp_path):
     _rewrite(tmp_path / "foreign.safetensors", tensors, {"format": "pt"})
     cases["foreign.safetensors"] = "not an erase-diffusion patch"
     _rewrite(tmp_path / "delta.safetensors", dict(tensors, **{"text_encoder.text_model.encoder.layers.0.mlp.fc1.delta": torch.zeros(2, 2)}), meta)
-    cases["delta.safetensors"] = "kind=full"
+    cases["delta.safetensors"] = "dense ΔW .* not supported"  # the dense 'full' mode is gone: refused, clearly
+    _rewrite(tmp_path / "kind.safetensors", tensors, dict(meta, **{"erase_diffusion.kind": "full"}))
+    cases["kind.safetensors"] = "kind must be 'lora'"
     (tmp_path / "dir.safetensors").mkdir()
     cases["dir.safetensors"] = "not a regular file"
     for name, message in cases.items():
@@ -179,15 +182,13 @@ def test_checksum_catches_flipped_tensor_bytes_and_old_patches_warn(tmp_path):
 
 def test_missing_modules_and_huge_factors_are_refused(tmp_path):
     good, tensors, meta = _good(tmp_path)
-    from erase_diffusion.patch import _content_sha256
-
     first = sorted(k for k in tensors if k.endswith("lora_A.weight"))[0].removesuffix(".lora_A.weight")
     fewer = {k: v for k, v in tensors.items() if not k.startswith(first + ".")}  # declared, but not in the file
-    bad = _rewrite(tmp_path / "fewer.safetensors", fewer, {**meta, "erase_diffusion.sha256": _content_sha256(fewer)})
+    bad = _rewrite(tmp_path / "fewer.safetensors", fewer, {**meta, "erase_diffusion.sha256": content_sha256(fewer)})
     with pytest.raises(PatchError, match="ranks does not match"):
         load_patch(bad)
     huge = dict(tensors, **{f"{first}.lora_B.weight": tensors[f"{first}.lora_B.weight"] * 1e6})
-    bad = _rewrite(tmp_path / "huge.safetensors", huge, {**meta, "erase_diffusion.sha256": _content_sha256(huge)})
+    bad = _rewrite(tmp_path / "huge.safetensors", huge, {**meta, "erase_diffusion.sha256": content_sha256(huge)})
     with pytest.raises(PatchError, match="magnitude"):
         load_patch(bad)
 
@@ -277,10 +278,13 @@ def test_export_kohya_roundtrip_through_diffusers(tmp_path, build):
     assert maxdiff(te_out(pipe), want) <= 1e-5
 
 
-def test_export_kohya_refuses_full_mode(tmp_path):
-    pipe = sd_pipeline()
-    path = tmp_path / "f.safetensors"
-    make_patch(pipe, path, full={"text_encoder": {"text_model.encoder.layers.0.mlp.fc2": torch.zeros(32, 64)}})
+def test_export_kohya_refuses_clip_modules(tmp_path):
+    te = sd_pipeline().text_encoder
+    path = tmp_path / "c.safetensors"
+    layers = {"text_encoder": random_factors(te, "text_encoder"),
+              "clip": {"visual_projection": LoraFactors(torch.zeros(1, 32), torch.zeros(16, 1))}}
+    write_patch(path, layers, method="t", settings={}, erased=[], protected=[], base_model="b",
+                fingerprints={"text_encoder": fingerprint(te)})
     with pytest.raises(PatchError, match="kohya"):
         export_kohya(path, tmp_path / "k.safetensors")
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from erase_diffusion.patch import (
-    LoraFactors, PatchError, _content_sha256, apply_to_clip, describe_patch, fingerprint, write_patch,
-)
+from erase_diffusion.patch import apply_to_clip, fingerprint, write_patch
+from erase_diffusion.patch_format import LoraFactors, PatchError, content_sha256
+from erase_diffusion.patch_reader import describe_patch, load_patch
 from erase_diffusion.pipelines.loading import load_patches
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 2, 0]])
@@ -38,7 +38,8 @@ CATEGORIES = ("byte_flip", "data_flip", "truncate", "trailing", "header_edit", "
 
 # --------------------------------------------------------------------------------------------------- the valid patches
 def base_patches(pipe, folder: Path) -> list[Path]:
-    """A LoRA patch with mixed ranks and a full-mode patch (LoRA + one dense ΔW), both for ``pipe``'s text encoder."""
+    """Two patches for ``pipe``'s text encoder: LoRA with mixed ranks, and two of its modules plus a CLIPModel-only
+    ``clip.visual_projection`` (shaped for ``tiny_models.clip_for``; loaded through the in-memory state dict)."""
     te = pipe.text_encoder
     g = torch.Generator().manual_seed(0)
     layers = {}
@@ -48,15 +49,14 @@ def base_patches(pipe, folder: Path) -> list[Path]:
             r = 2 + i
             layers[f"text_model.encoder.layers.{i}.{t}"] = LoraFactors(
                 A=torch.randn(r, lin.in_features, generator=g) * 0.2, B=torch.randn(lin.out_features, r, generator=g) * 0.2)
-    fc2 = te.encoder.layers[1].mlp.fc2
-    delta = torch.randn(fc2.out_features, fc2.in_features, generator=g) * 0.05
+    projection = te.config.projection_dim or te.config.hidden_size  # clip_for's vision tower is 32 wide
+    visual = LoraFactors(A=torch.randn(1, 32, generator=g) * 0.2, B=torch.randn(projection, 1, generator=g) * 0.2)
     kw = dict(method="fuzz", settings={"seed": 0}, erased=["cat"], protected=["dog"], base_model="tiny",
               fingerprints={"text_encoder": fingerprint(te)})
-    lora, full = folder / "base_lora.safetensors", folder / "base_full.safetensors"
+    lora, with_clip = folder / "base_lora.safetensors", folder / "base_clip.safetensors"
     write_patch(lora, {"text_encoder": layers}, **kw)
-    write_patch(full, {"text_encoder": dict(list(layers.items())[:2])}, full={"text_encoder": {
-        "text_model.encoder.layers.1.mlp.fc2": delta}}, **kw)
-    return [lora, full]
+    write_patch(with_clip, {"text_encoder": dict(list(layers.items())[:2]), "clip": {"visual_projection": visual}}, **kw)
+    return [lora, with_clip]
 
 
 def split(path: Path) -> tuple[dict, dict]:
@@ -71,7 +71,7 @@ def write(path: Path, tensors: dict, meta: dict, rehash: bool) -> None:
     """A well-formed safetensors file; ``rehash``: the checksum recomputed, as a careful attacker would."""
     meta = dict(meta)
     if rehash:
-        meta["erase_diffusion.sha256"] = _content_sha256(tensors)
+        meta["erase_diffusion.sha256"] = content_sha256(tensors)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
 
 
@@ -275,11 +275,8 @@ def mutate(rng: random.Random, category: str, src: Path, dst: Path) -> str:
             dst.write_text("hello, this is not a patch\n" * 10)
         return kind
     if category == "consistent_edit":  # well-formed and self-consistent: must load, with exactly this B @ A
-        from erase_diffusion.patch import load_patch
-
         p = load_patch(src)
         layers = {c: dict(m) for c, m in p.layers.items()}
-        full = {c: dict(m) for c, m in p.full.items()}
         mods = layers["text_encoder"]
         what = rng.choice(["scale", "drop_module", "add_module", "fp16", "zero"])
         if what == "scale":
@@ -298,7 +295,7 @@ def mutate(rng: random.Random, category: str, src: Path, dst: Path) -> str:
             mods = {m: LoraFactors(torch.zeros_like(f.A), torch.zeros_like(f.B)) for m, f in mods.items()}
         layers["text_encoder"] = mods
         md = p.metadata
-        write_patch(dst, layers, full=full, method="fuzz", settings=md["settings"], erased=md["erased"],
+        write_patch(dst, layers, method="fuzz", settings=md["settings"], erased=md["erased"],
                     protected=md["protected"], base_model=md["base_model"], fingerprints=md["fingerprints"])
         return what
     raise ValueError(category)
@@ -316,7 +313,7 @@ def unchanged(pipe, before: dict) -> bool:
 
 
 def expected_output(base_te, path: Path) -> torch.Tensor:
-    """The text encoder with the file's own ΔW (B @ A, or the dense delta) merged by hand, read with safetensors."""
+    """The text encoder with the file's own ΔW (B @ A) merged by hand, read with safetensors."""
     te = copy.deepcopy(base_te)
     tensors = load_file(str(path))
     with torch.no_grad():
@@ -327,8 +324,6 @@ def expected_output(base_te, path: Path) -> torch.Tensor:
             if key.endswith(".lora_A.weight"):
                 B = tensors[key.replace("lora_A", "lora_B")]
                 te.get_submodule(module).weight += B.float() @ t.float()
-            elif key.endswith(".delta"):
-                te.get_submodule(key.removeprefix("text_encoder.text_model.").removesuffix(".delta")).weight += t.float()
         return te(IDS)[0]
 
 

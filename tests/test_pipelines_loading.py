@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import sd2_pipeline, sd_pipeline, sdxl_pipeline
 
-from erase_diffusion.patch import LoraFactors, PatchError, fingerprint, write_patch
+from erase_diffusion.patch import fingerprint, write_patch
+from erase_diffusion.patch_format import LoraFactors, PatchError
 from erase_diffusion.pipelines.loading import bake, load_patches, set_strengths, unfuse
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 2, 0]])
@@ -34,12 +35,12 @@ def random_factors(te, component, rank=2, seed=0, layers=None, targets=("self_at
     return out
 
 
-def make_patch(pipe, path, seed=0, components=None, full=None, **kw):
+def make_patch(pipe, path, seed=0, components=None, **kw):
     components = components or [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
     layers = {c: random_factors(getattr(pipe, c), c, seed=seed + k, **kw) for k, c in enumerate(components)}
     fps = {c: fingerprint(getattr(pipe, c)) for c in components}
     write_patch(path, layers, method="test", settings={"seed": seed}, erased=["cat"], protected=["dog"],
-                base_model="tiny", fingerprints=fps, full=full)
+                base_model="tiny", fingerprints=fps)
     return layers
 
 
@@ -60,7 +61,7 @@ def manual(pipe, layers_list, strengths):
             for layers, s in zip(layers_list, strengths):
                 for m, f in layers.get(comp, {}).items():
                     name = m if hasattr(te, "text_model") else m.removeprefix("text_model.")
-                    te.get_submodule(name).weight += s * (f.delta() if isinstance(f, LoraFactors) else f)
+                    te.get_submodule(name).weight += s * f.delta()
             ref[comp] = te(IDS)[0]
     return ref
 
@@ -146,16 +147,16 @@ def test_stacking_two_patches(tmp_path):
     assert maxdiff(te_out(pipe), want_2) <= 1e-5
 
 
-def test_full_mode_through_project_loader_only(tmp_path):
+def test_clip_modules_are_skipped_by_the_project_loader(tmp_path):
+    """A patch that also changes CLIPModel-only modules (component ``clip``) loads its text-encoder LoRA only."""
     pipe = sd_pipeline()
-    fc1 = pipe.text_encoder.encoder.layers[1].mlp.fc1
-    delta = torch.randn(fc1.out_features, fc1.in_features, generator=torch.Generator().manual_seed(0)) * 0.05
-    patch = tmp_path / "full.safetensors"
-    layers = make_patch(pipe, patch, full={"text_encoder": {"text_model.encoder.layers.1.mlp.fc1": delta}})
-    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):
-        sd_pipeline().load_lora_weights(str(patch), adapter_name="x")  # plain diffusers refuses, loudly
-    ref_layers = dict(layers["text_encoder"], **{"text_model.encoder.layers.1.mlp.fc1": delta})
-    want = manual(pipe, [{"text_encoder": ref_layers}], [0.5])
+    te = pipe.text_encoder
+    layers = {"text_encoder": random_factors(te, "text_encoder"),
+              "clip": {"visual_projection": LoraFactors(torch.ones(1, 32), torch.ones(16, 1))}}
+    patch = tmp_path / "clip.safetensors"
+    write_patch(patch, layers, method="test", settings={}, erased=["cat"], protected=[], base_model="tiny",
+                fingerprints={"text_encoder": fingerprint(te)})
+    want = manual(pipe, [{"text_encoder": layers["text_encoder"]}], [0.5])
     load_patches(pipe, patch, strengths=0.5)
     assert maxdiff(te_out(pipe), want) <= 1e-5
 

@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 
 import erase_diffusion
-from erase_diffusion.patch import load_patch
+from erase_diffusion.patch_reader import load_patch
 from erase_diffusion.training import main
 
 ROOT = Path(__file__).resolve().parents[1]

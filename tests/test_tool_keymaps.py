@@ -33,7 +33,10 @@ from safetensors.torch import load_file
 from test_pipelines_loading import IDS, make_patch, manual, maxdiff
 from tiny_models import sd2_pipeline, sd_pipeline, sdxl_pipeline
 
-from erase_diffusion.patch import LoraFactors, clip_core, export_kohya, fingerprint, load_patch, write_patch
+from erase_diffusion.kohya import export_kohya
+from erase_diffusion.patch import clip_core, fingerprint, write_patch
+from erase_diffusion.patch_format import LoraFactors
+from erase_diffusion.patch_reader import load_patch
 
 TOL = 1e-5
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from erase_diffusion import cliperase
 from erase_diffusion.cliperase import TextTower, encode_read
-from erase_diffusion.patch import fingerprint, load_patch
+from erase_diffusion.patch import fingerprint
+from erase_diffusion.patch_reader import load_patch
 from erase_diffusion.training import main, make_trainable, merged, patch_layers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,12 +18,12 @@ input still passes through the patched encoder. SD 1.x/2.x pipelines (one text e
 from __future__ import annotations
 
 import random
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
 from tqdm.auto import tqdm
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -60,8 +60,6 @@ def misspellings(word: str, n: int = 8, seed: int = 0) -> list[str]:
 
 
 def replace_word(text: str, word: str, new: str) -> str:
-    import re
-
     return re.sub(rf"\b{re.escape(word)}\b", new, text, count=1)
 
 

@@ -7,16 +7,27 @@
 
 from __future__ import annotations
 
-import json
+import copy
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
+from . import attacks
+from .atomic import atomic_path
+from .concepts import miniworld_attribute
 from .miniworld import domain
+from .models import load_clip, load_judge, load_pipeline
+from .patch import apply_to_clip
+from .pipelines.loading import load_patches
+
+N_RELATED = 2  # related classes: the closest other classes by text similarity
 
 HELD_OUT_SEED = 10_000  # the build trains on seed 0; held-out images come from another stream
 
@@ -153,60 +164,95 @@ def grid_array(images: torch.Tensor, columns: int = 8):
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int = 8) -> Path:
     """A PNG grid of images in [-1, 1], written atomically."""
-    from PIL import Image
-
-    from .atomic import atomic_path
-
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(grid_array(images, columns)).save(tmp)
     return Path(path)
 
 
-def add_cli_arguments(parser, command: str) -> None:
-    parser.add_argument("prompts", nargs="*", help="prompts (default: the fixed evaluation prompt set)")
-    parser.add_argument("--pretrained_model_name_or_path", default="miniworld")
-    parser.add_argument("--patch", action="append", default=[], help="patch file(s) to load (repeatable)")
-    parser.add_argument("--strength", action="append", type=float, default=[], help="strength per patch")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--output", default="outputs/samples.png", help="PNG grid to write")
+
+# ------------------------------------------------------------------ the evaluation's metrics (erase_diffusion.evaluate)
+def retrieval_recall(text_emb: torch.Tensor, image_emb: torch.Tensor, queries=None, ks=(1, 5, 10)) -> dict:
+    """Recall@k for paired data (text i ↔ image i): text→image ranks every image for each query text, image→text
+    every text for each query image; a hit is the paired item only. ``queries``: indices to score (default all)."""
+    if text_emb.shape[0] != image_emb.shape[0]:
+        raise ValueError("retrieval needs as many texts as images (paired data)")
+    idx = torch.arange(len(text_emb)) if queries is None else torch.as_tensor(queries, dtype=torch.long)
+    if len(idx) == 0:
+        raise ValueError("retrieval needs at least one query")
+    sim = F.normalize(text_emb.float(), dim=-1) @ F.normalize(image_emb.float(), dim=-1).T  # (texts, images)
+    out = {}
+    for name, s in (("t2i", sim[idx]), ("i2t", sim.T[idx])):
+        paired = s.gather(1, idx[:, None])
+        rank = (s > paired).sum(1)  # 0 = paired item first (ties favour it)
+        for k in ks:
+            out[f"{name}_R@{k}"] = (rank < k).float().mean().item()
+    return out
 
 
-def cli_main(args) -> int:
-    import math
+def found_mask(labels: dict, targets: list[tuple[str, str]]) -> torch.Tensor:
+    n = len(next(iter(labels.values())))
+    found = torch.zeros(n, dtype=torch.bool)
+    for attribute, value in targets:
+        found |= labels[attribute] == classes(attribute).index(value)
+    return found
 
-    from .atomic import check_output
-    from .models import load_judge, load_pipeline
-    from .patch_reader import load_patch
-    from .pipelines.loading import check_cli_strengths, load_patches
 
-    # every refusal before the pipeline loads
-    if args.steps < 1 or args.steps > 200:
-        raise ValueError("--steps must be between 1 and 200")
-    if not (math.isfinite(args.guidance) and 0.0 <= args.guidance <= 50.0):
-        raise ValueError(f"--guidance must be between 0 and 50, got {args.guidance}")
-    strengths = check_cli_strengths(args.strength, len(args.patch)) if args.patch else []
-    for p in args.patch:
-        load_patch(p)
-    check_output(args.output, overwrite=True, option="--output")  # a sample grid is meant to be redrawn
-    pipe = load_pipeline(args.pretrained_model_name_or_path)
-    if args.patch:
-        load_patches(pipe, args.patch, strengths)
-    cases = None if args.prompts else eval_prompts(per_pair=1)
-    prompts = args.prompts or [c.prompt for c in cases]
-    images = generate(pipe, prompts, seed=args.seed, steps=args.steps, guidance=args.guidance)
-    print(f"wrote {save_grid(images, args.output)}")
-    if cases is not None and args.pretrained_model_name_or_path == "miniworld":
-        verdict = judge_generations(load_judge(), images, cases)
-        print(json.dumps(verdict, indent=2))
-    return 0
+class JudgeFeatures(torch.nn.Module):
+    """The judge's penultimate features as a torchmetrics feature extractor (images in [-1, 1])."""
+
+    def __init__(self, judge):
+        super().__init__()
+        self.judge = judge
+        self.num_features = judge.heads["shape"].in_features
+
+    def forward(self, images):
+        return self.judge.embed(images).double()
+
+
+@torch.no_grad()
+def judge_fid_kid(judge, real: torch.Tensor, fake: torch.Tensor) -> dict:
+    feat = JudgeFeatures(judge).eval()
+    fid = FrechetInceptionDistance(feature=feat, normalize=True)
+    subset = max(2, min(50, len(real), len(fake)))
+    kid = KernelInceptionDistance(feature=feat, normalize=True, subset_size=subset, subsets=20)
+    for m in (fid, kid):
+        m.update(real.float(), real=True)
+        m.update(fake.float(), real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid_judge": fid.compute().item(), "kid_judge": kid_mean.item(), "kid_judge_std": kid_std.item(),
+            "n_real": len(real), "n_fake": len(fake)}
+
+
+@torch.no_grad()
+def clip_score(clip, tok, images: torch.Tensor, prompts: list[str]) -> float:
+    img = F.normalize(features(clip.get_image_features(pixel_values=images.float())), dim=-1)
+    t = tok(prompts, padding=True, return_tensors="pt")
+    txt = F.normalize(features(clip.get_text_features(**t)), dim=-1)
+    return (100 * (img * txt).sum(-1).clamp(min=0)).mean().item()
+
+
+@torch.no_grad()
+def related_classes(attribute: str, value: str, clip=None, tok=None, text_encoder=None, n: int = N_RELATED) -> list:
+    """The ``n`` other classes whose prompt-ensemble text embedding is closest to ``value``'s (original model)."""
+    names = [c for c in classes(attribute)]
+    embs = []
+    for c in names:
+        prompts = class_prompts(attribute, c)
+        if clip is not None:
+            e = text_embeddings(clip, tok, prompts)
+        else:
+            ids = attacks.tokenize(tok, prompts)
+            e = F.normalize(text_encoder(ids.to(text_encoder.device))[1], dim=-1)
+        embs.append(F.normalize(e.mean(0), dim=-1))
+    E = torch.stack(embs)
+    sim = E @ E[names.index(value)]
+    order = [names[i] for i in sim.argsort(descending=True).tolist() if names[i] != value]
+    return [(c, sim[names.index(c)].item()) for c in order[:n]]
+
 
 
 def erased_cases(spec, per_pair: int = 2, seed: int = 1) -> tuple[list[PromptCase], list[PromptCase]]:
     """Prompts naming an erased miniworld concept: (by its own name, by a paraphrase — shapes only)."""
-    from .concepts import miniworld_attribute
-
     named, para = [], []
     for concept in spec.erase:
         attribute, value = miniworld_attribute(concept)
@@ -223,12 +269,6 @@ def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 2
     ``found_*``: share of generations in which the judge sees the erased attribute value (lower is better).
     ``retained_*``: judged accuracy on prompts that name no erased concept, base vs patched.
     """
-    import copy
-
-    from .concepts import miniworld_attribute
-    from .models import load_clip, load_judge, load_pipeline
-    from .patch import apply_to_clip
-
     out: dict = {}
     clip, tok = load_clip("miniworld")
     erased_clip = copy.deepcopy(clip)
@@ -244,8 +284,6 @@ def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 2
         out[f"zeroshot_{attribute}_retain_after"] = sum(after[c] for c in kept) / len(kept)
     if not generations:
         return out
-
-    from .pipelines.loading import load_patches
 
     pipe, judge = load_pipeline("miniworld"), load_judge("miniworld")
     named, para = erased_cases(spec)

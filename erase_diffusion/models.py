@@ -55,7 +55,7 @@ def resolve(name_or_path: str | Path, kind: str = "pipeline") -> str:
 
 def load_pipeline(name_or_path: str = DEFAULT_MODEL, **kwargs):
     """A diffusers text-to-image pipeline (SD 1.x / 2.x / XL), exactly as ``DiffusionPipeline.from_pretrained``."""
-    from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline  # heavy: loaded by the commands that generate, not by `import erase_diffusion`
 
     location = resolve(name_or_path, "pipeline")
     try:
@@ -68,7 +68,7 @@ def load_pipeline(name_or_path: str = DEFAULT_MODEL, **kwargs):
 
 def load_clip(name_or_path: str = DEFAULT_MODEL):
     """(CLIPModel, CLIPTokenizer) for zero-shot use, exactly as ``CLIPModel.from_pretrained``."""
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTokenizer  # heavy, as diffusers above
 
     location = resolve(name_or_path, "clip")
     try:
@@ -78,6 +78,6 @@ def load_clip(name_or_path: str = DEFAULT_MODEL):
 
 
 def load_judge(name_or_path: str = DEFAULT_MODEL):
-    from .miniworld.judge import Judge
+    from .miniworld.judge import Judge  # the miniature world's own model: only the evaluation needs it
 
     return Judge.from_pretrained(resolve(name_or_path, "judge")).eval()

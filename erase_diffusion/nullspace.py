@@ -380,39 +380,45 @@ def erase(
     mini = is_miniworld(model) and templates is None
     spec = spec if isinstance(spec, ConceptSpec) else ConceptSpec(list(spec))
     spec = with_miniworld_defaults(spec) if mini else spec
-    concepts, protect, anchor = spec.erase, spec.keep, spec.anchor
     syn = {k: tuple(v) for k, v in spec.paraphrases.items()}
     protect_prompts = spec.protect_prompts or []
     prompts = PromptSet(miniworld=True) if mini else PromptSet(tuple(templates or GENERIC_TEMPLATES))
     settings = {"strength": float(strength), "rank": rank, "target": target, "mode": mode,
                 "protect_weight": protect_weight, "ridge": ridge, "protect_prompts": protect_prompts,
-                "synonyms": {k: list(v) for k, v in syn.items() if v}, "n_frames": len(prompts.frames(concepts[0]))}
+                "synonyms": {k: list(v) for k, v in syn.items() if v}, "n_frames": len(prompts.frames(spec.erase[0]))}
 
     if target == "clip":
-        clip_model, tokenizer = clip or load_clip(model)
-        D, stats = clip_projection(clip_model, tokenizer, concepts, protect, synonyms=syn, prompts=prompts)
-
-        W = clip_model.visual_projection.weight.detach().float().cpu()
-        factors, _ = factors_from_delta(-strength * D @ W, rank=rank or stats["rank"], rtol=1e-6)
-        layers = {"clip": {"visual_projection": factors}}
-        fingerprints = {"clip": fingerprint(clip_model)}
-        settings.update(stats)
-        method = "nullspace-clip"
+        edit = _clip_edit(clip or load_clip(model), spec, syn, prompts, strength, rank, settings)
     else:
-        pipe = pipe or load_pipeline(model)
-        components = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
-        penultimate = getattr(pipe, "text_encoder_2", None) is not None  # SDXL reads hidden_states[-2] of both
-        anchor = with_default_anchor(spec, pipe.text_encoder, pipe.tokenizer, mini).anchor  # miniworld: one encoder
-        edits = {}
-        for comp in components:
-            tok, te = (pipe.tokenizer_2 if comp == "text_encoder_2" else pipe.tokenizer), getattr(pipe, comp)
-            edits[comp] = encoder_edits(te, tok, concepts, protect, layers=edit_layers(te, penultimate, depth),
-                                        protect_prompts=protect_prompts, synonyms=syn, prompts=prompts, anchor=anchor,
-                                        mode=mode, strength=strength, penultimate=penultimate,
-                                        protect_weight=protect_weight, ridge=ridge)
-        layers = _pipeline_layers(pipe, edits, rank, rtol=1e-6)
-        fingerprints = {c: fingerprint(getattr(pipe, c)) for c in components}
-        settings.update({"anchor": anchor, "penultimate": penultimate,
-                         "depth": depth, "stats": {c: [e.stats for e in es] for c, es in edits.items()}})
-        method = "nullspace"
-    return save_patch(Edit(method, layers, settings, fingerprints), spec, str(model), output)
+        edit = _pipeline_edit(pipe or load_pipeline(model), spec, syn, prompts, mini, settings, rank=rank, mode=mode,
+                              strength=strength, depth=depth, protect_weight=protect_weight, ridge=ridge)
+    return save_patch(edit, spec, str(model), output)
+
+
+def _clip_edit(clip, spec: ConceptSpec, syn: dict, prompts: PromptSet, strength: float, rank: int | None,
+               settings: dict) -> Edit:
+    """Target "clip": the concept directions projected out of CLIP's visual projection (``clip_projection``)."""
+    clip_model, tokenizer = clip
+    D, stats = clip_projection(clip_model, tokenizer, spec.erase, spec.keep, synonyms=syn, prompts=prompts)
+    W = clip_model.visual_projection.weight.detach().float().cpu()
+    factors, _ = factors_from_delta(-strength * D @ W, rank=rank or stats["rank"], rtol=1e-6)
+    return Edit("nullspace-clip", {"clip": {"visual_projection": factors}}, {**settings, **stats},
+                {"clip": fingerprint(clip_model)})
+
+
+def _pipeline_edit(pipe, spec: ConceptSpec, syn: dict, prompts: PromptSet, mini: bool, settings: dict, *,
+                   rank: int | None, depth: int, **kw) -> Edit:
+    """Target "pipeline": the fc2 edits of every text encoder (SDXL: both, read at the penultimate layer)."""
+    components = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+    penultimate = getattr(pipe, "text_encoder_2", None) is not None  # SDXL reads hidden_states[-2] of both
+    anchor = with_default_anchor(spec, pipe.text_encoder, pipe.tokenizer, mini).anchor  # miniworld: one encoder
+    edits = {}
+    for comp in components:
+        tok, te = (pipe.tokenizer_2 if comp == "text_encoder_2" else pipe.tokenizer), getattr(pipe, comp)
+        edits[comp] = encoder_edits(te, tok, spec.erase, spec.keep, layers=edit_layers(te, penultimate, depth),
+                                    protect_prompts=spec.protect_prompts or [], synonyms=syn, prompts=prompts,
+                                    anchor=anchor, penultimate=penultimate, **kw)
+    layers = _pipeline_layers(pipe, edits, rank, rtol=1e-6)
+    settings = {**settings, "anchor": anchor, "penultimate": penultimate, "depth": depth,
+                "stats": {c: [e.stats for e in es] for c, es in edits.items()}}
+    return Edit("nullspace", layers, settings, {c: fingerprint(getattr(pipe, c)) for c in components})

@@ -9,7 +9,6 @@ reading it back with validation is ``erase_diffusion.patch_reader``; the kohya /
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -20,9 +19,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .atomic import check_output
 from .concepts import ConceptSpec
-from .kohya import export_kohya
 from .model_card import card_path, write_model_card
 from .patch_format import (
     FORMAT_VERSION,
@@ -281,26 +278,3 @@ def apply_to_clip(model, patch, strength: float = 1.0, *, force: bool = False) -
 
 # ---------------------------------------------------------------------------------------------------------------------
 # command line
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    if command == "inspect":
-        parser.add_argument("patch", help="patch file (.safetensors)")
-    elif command == "export-kohya":
-        parser.add_argument("patch", help="patch file (.safetensors)")
-        parser.add_argument("output", help="where to write the kohya / A1111 file")
-        parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    else:
-        raise ValueError(f"erase_diffusion.patch has no command {command!r}")
-
-
-def cli_main(args) -> int:
-    if args.command == "inspect":
-        print(json.dumps(describe_patch(args.patch), indent=2, sort_keys=True))
-    elif args.command == "export-kohya":
-        src, dst = Path(args.patch), Path(args.output)
-        if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-            raise ValueError(f"the output {dst} is the input patch: choose another file")
-        check_output(dst, overwrite=args.overwrite)
-        print(export_kohya(src, dst))
-    return 0

@@ -99,7 +99,7 @@ def configure_threads(verbose: bool = False) -> dict:
     global _done
     if _done is not None:
         return _done
-    import torch
+    import torch  # here, not at the top: this module sets OMP_WAIT_POLICY before anything imports torch
 
     explicit = _explicit_env()
     decision: dict = {"source": None, "threads": None, "interop": None,
@@ -132,7 +132,7 @@ SMALL_MODEL_PARAMS = 20_000_000
 @contextmanager
 def one_thread_if_small(n_params: int, device) -> object:
     """One intra-op thread while a small model trains on the CPU, unless the user set a thread count."""
-    import torch
+    import torch  # as in configure_threads: never at this module's import
 
     if _explicit_env() or str(device) != "cpu" or n_params >= SMALL_MODEL_PARAMS:
         yield

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -26,21 +25,27 @@ from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor
 
 from . import data as pair_data
+from .anchors import with_default_anchor
 from .atomic import write_json
 from .checkpoints import (
-    PATCH_NAME, check_output_dir, checkpoint_step, prepare_output_dir, register_trainable_state, restore_data_order,
-    resume_checkpoint, save_checkpoint,
+    PATCH_NAME,
+    check_output_dir,
+    checkpoint_step,
+    prepare_output_dir,
+    register_trainable_state,
+    restore_data_order,
+    resume_checkpoint,
+    save_checkpoint,
 )
-from .anchors import with_default_anchor
 from .cliperase import EraseObjective, LossWeights, TextTower, original, original_outputs
 from .concepts import ConceptSpec
 from .config import CLIPEraseConfig, ConceptArguments, parse_args
-from .measure import image_embeddings, miniworld_metrics, save_grid
+from .measure import image_embeddings, miniworld_metrics
 from .models import load_clip, load_pipeline, resolve
 from .patch import Edit, clip_core, factors_from_delta, fingerprint, save_patch, write_card
-from .patch_format import TEXT_ENCODERS, LoraFactors
-from .pipelines.loading import find_linear
+from .patch_format import LoraFactors
 from .threads import one_thread_if_small
+from .validation import save_validation
 
 logger = logging.getLogger(__name__)
 # the text tower only: the vision tower shares these module names
@@ -382,42 +387,6 @@ def make_trainable(student, config) -> None:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-@contextmanager
-def merged(pipe, layers: dict):
-    """The pipeline with a patch's ``layers`` ({component: {module: LoraFactors}}) merged into its text encoders, the
-    original weights restored on exit: validation images come from the pipeline's own prompt encoding, guidance and
-    SDXL pooling, with exactly the weights the patch will hold."""
-    saved = []
-    try:
-        with torch.no_grad():
-            for component, modules in layers.items():
-                if component in TEXT_ENCODERS:
-                    for module, factors in modules.items():
-                        weight = find_linear(getattr(pipe, component), module).weight
-                        saved.append((weight, weight.clone()))
-                        weight.add_(factors.delta().to(weight))
-        yield pipe
-    finally:
-        with torch.no_grad():
-            for weight, before in reversed(saved):
-                weight.copy_(before)
-
-
 def save_current_validation(pipe, students: dict, towers: list[TextTower], config, spec: ConceptSpec, step: int):
     """The validation grid with the students' weights as they are at ``step``."""
     return save_validation(pipe, all_patch_layers(students, towers, config)[0], config, spec, step)
-
-
-@torch.no_grad()
-def save_validation(pipe, layers: dict, config, spec: ConceptSpec, step: int) -> Path:
-    """Before/after grid: row 1 the original pipeline, row 2 with the current patch merged; same seeds."""
-    prompts = config.validation_prompts or [f"a {w}" for w in spec.all_erase_words()] + [f"a {k}" for k in spec.keep[:2]]
-    rows = []
-    for erased in (False, True):
-        images = []
-        with merged(pipe, layers) if erased else nullcontext():
-            for i, p in enumerate(prompts):
-                g = torch.Generator().manual_seed(config.seed + i)
-                images.append(pipe(p, generator=g, output_type="pt", num_inference_steps=20).images[0] * 2 - 1)
-        rows.append(torch.stack(images))
-    return save_grid(torch.cat(rows), Path(config.output_dir) / "validation" / f"step-{step:06d}.png", columns=len(prompts))

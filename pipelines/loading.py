@@ -14,7 +14,6 @@ the text-encoder components for ``fuse_lora``/``unfuse_lora`` (diffusers' SD def
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -31,7 +30,6 @@ from erase_diffusion.patch_format import TEXT_ENCODERS, Patch, PatchError
 from erase_diffusion.patch_reader import load_patch
 
 
-MAX_CLI_STRENGTH = 2.0  # as the demo's slider: beyond it a patch over-shoots its own edit
 
 
 def text_encoder_components(pipe) -> list[str]:
@@ -284,37 +282,3 @@ def bake(model: str, patches, strengths=1.0, output_dir=None, force: bool = Fals
     with atomic_dir(output_dir) as tmp:
         pipe.save_pretrained(tmp)
     return output_dir
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    if command != "bake":
-        raise ValueError(f"erase_diffusion.pipelines.loading has no command {command!r}")
-    parser.add_argument("--pretrained_model_name_or_path", default="miniworld",
-                        help="bundled name, local folder or Hub id of the base pipeline (default: miniworld)")
-    parser.add_argument("--patch", action="append", required=True, help="patch file; repeat to stack several")
-    parser.add_argument("--strength", action="append", type=float, default=None,
-                        help="strength per patch (repeat in the order of --patch; default 1.0 each)")
-    parser.add_argument("--output_dir", required=True, help="new pipeline folder to write (must not exist yet)")
-    parser.add_argument("--force", action="store_true", help="load patches even if the base fingerprint differs")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
-
-
-def check_cli_strengths(strengths, n: int) -> list[float]:
-    """``--strength`` values for ``n`` patches (one value applies to all): finite and within [0, MAX_CLI_STRENGTH]."""
-    strengths = list(strengths or [1.0])
-    if len(strengths) == 1:
-        strengths *= n
-    if len(strengths) != n:
-        raise ValueError(f"{len(strengths)} --strength values for {n} --patch files")
-    for s in strengths:
-        if not (math.isfinite(s) and 0.0 <= s <= MAX_CLI_STRENGTH):
-            raise ValueError(f"--strength must be between 0 and {MAX_CLI_STRENGTH:g}, got {s}")
-    return strengths
-
-
-def cli_main(args) -> int:
-    strengths = check_cli_strengths(args.strength, len(args.patch))
-    out = bake(args.pretrained_model_name_or_path, args.patch, strengths, args.output_dir, force=args.force,
-               overwrite=args.overwrite)
-    print(out)
-    return 0

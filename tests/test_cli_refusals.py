@@ -11,7 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file

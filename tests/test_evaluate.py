@@ -11,7 +11,8 @@ import torch
 from test_pipelines_loading import make_patch
 from tiny_models import sd2_pipeline, sd_pipeline
 
-from erase_diffusion import attacks, evaluate as ev
+from erase_diffusion import attacks, measure
+from erase_diffusion import evaluate as ev
 from erase_diffusion.concepts import ConceptSpec, miniworld_spec
 from erase_diffusion.patch_format import PatchError
 
@@ -21,21 +22,21 @@ def test_retrieval_recall_constructed_case():
     T = torch.eye(4)
     I = torch.stack([torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0]), torch.tensor([0, 0, 0.5, 1.0]),
                      torch.tensor([0, 0, 1.0, -0.1])])
-    r = ev.retrieval_recall(T, I, ks=(1, 2, 10))
+    r = measure.retrieval_recall(T, I, ks=(1, 2, 10))
     assert r["t2i_R@1"] == pytest.approx(0.5) and r["t2i_R@2"] == pytest.approx(0.75) and r["t2i_R@10"] == 1.0
     assert r["i2t_R@1"] == pytest.approx(0.5) and r["i2t_R@2"] == pytest.approx(0.75)
-    sub = ev.retrieval_recall(T, I, queries=[0, 1])
+    sub = measure.retrieval_recall(T, I, queries=[0, 1])
     assert sub["t2i_R@1"] == 1.0 and sub["i2t_R@1"] == 1.0 and sub["t2i_R@10"] == 1.0
     with pytest.raises(ValueError):
-        ev.retrieval_recall(T, I[:3])
+        measure.retrieval_recall(T, I[:3])
     with pytest.raises(ValueError):
-        ev.retrieval_recall(T, I, queries=[])
+        measure.retrieval_recall(T, I, queries=[])
 
 
 def test_retrieval_recall_rank_k():
     T = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     I = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0]])
-    r = ev.retrieval_recall(T, I, ks=(1, 2))
+    r = measure.retrieval_recall(T, I, ks=(1, 2))
     # text→image: every text ranks its own image first (text 1 is closer in angle to image 1 than to image 0);
     # image→text: image 1 ranks text 0 first (cos 0.99875 vs 0.99817), images 0 and 2 their own texts
     assert r["t2i_R@1"] == 1.0

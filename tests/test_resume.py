@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from erase_diffusion.checkpoints import CHECKPOINT_FILES, checkpoints, prepare_output_dir, resume_checkpoint

@@ -18,7 +18,8 @@ from erase_diffusion import cliperase
 from erase_diffusion.cliperase import TextTower, encode_read
 from erase_diffusion.patch import fingerprint
 from erase_diffusion.patch_reader import load_patch
-from erase_diffusion.training import main, make_trainable, merged, patch_layers
+from erase_diffusion.training import main, make_trainable, patch_layers
+from erase_diffusion.validation import merged
 
 ROOT = Path(__file__).resolve().parents[1]
 

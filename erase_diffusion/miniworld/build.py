@@ -241,17 +241,3 @@ def build(output: Path = DEFAULT_OUTPUT, seed: int = 0, force: bool = False, n_i
     stage("pipeline", lambda d: train_unet(data, output / "clip", output / "vae", d, seed))
     shutil.rmtree(tok_dir, ignore_errors=True)
     return record
-
-
-
-
-def add_cli_arguments(parser, command: str) -> None:
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="folder for the weights (default: the bundled one)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="retrain components that already exist")
-
-
-def cli_main(args) -> int:
-    record = build(Path(args.output), seed=args.seed, force=args.force)
-    print(json.dumps(record, indent=2))
-    return 0

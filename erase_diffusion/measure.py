@@ -218,7 +218,11 @@ def judge_fid_kid(judge, real: torch.Tensor, fake: torch.Tensor) -> dict:
     for m in (fid, kid):
         m.update(real.float(), real=True)
         m.update(fake.float(), real=False)
-    kid_mean, kid_std = kid.compute()
+    # KID draws its random subsets from torch's global generator: seeded here, so that the figure does not depend on
+    # what ran before it (the same patch gave two KIDs in one session), and the caller's random state is kept
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        kid_mean, kid_std = kid.compute()
     return {"fid_judge": fid.compute().item(), "kid_judge": kid_mean.item(), "kid_judge_std": kid_std.item(),
             "n_real": len(real), "n_fake": len(fake)}
 

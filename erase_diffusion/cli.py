@@ -24,7 +24,7 @@ from .kohya import export_kohya
 from .patch_reader import describe_patch, load_patch
 from .threads import configure_threads
 
-# the most a --strength may be on the command line (the Python API takes any value; 2 over-erases visibly already)
+# the most a --strength may be on the command line, as the demo's slider: beyond it a patch over-shoots its own edit
 MAX_CLI_STRENGTH = 2.0
 
 # --------------------------------------------------------------------------------------------------------- erase

@@ -143,7 +143,10 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
     weights). ``clip``: (CLIPModel, tokenizer) of the original model for zero-shot / retrieval / CLIP score;
     ``erased_clip``: the same with the erasure applied (default: ``clip``, i.e. an erasure CLIP does not see).
     Returns the metrics dict; with ``output_dir``, also writes metrics.json and report.html there. ``cache``: a dict
-    reused across calls with the same ``base_pipe`` (base generations are then made once, e.g. in a benchmark)."""
+    reused across calls with the same ``base_pipe`` (base generations are then made once, e.g. in a benchmark).
+
+    Six numbered steps, each a call of a named helper below, kept in one function so the order of the measurements
+    (and of the random state the attacks draw) reads top to bottom."""
     # 1. Every input check happens before any generation.
     t_start = time.perf_counter()
     size = dict(SIZES[bool(quick)])

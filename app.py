@@ -30,8 +30,14 @@ import erase_diffusion  # noqa: F401  first: its thread guard sets OMP_WAIT_POLI
 import gradio as gr
 import torch
 
+from erase_diffusion import nullspace
 from erase_diffusion.atomic import write_atomic
 from erase_diffusion.concepts import ConceptSpec
+from erase_diffusion.models import load_pipeline
+from erase_diffusion.patch_format import PatchError
+from erase_diffusion.patch_reader import describe_patch, load_patch
+from erase_diffusion.pipelines import loading
+from erase_diffusion.threads import configure_threads
 
 DEFAULT_PATCH_DIR = "outputs/patches"
 PATCH_SUFFIX = ".safetensors"
@@ -215,15 +221,13 @@ class EraseApp:
             cached = self.adapters.get(name)
             if cached is not None and cached[1] == signature:
                 return cached[0]
-            from erase_diffusion.pipelines.loading import load_patches
-
             if cached is not None:  # the file was replaced: drop the stale adapter
                 self.pipe.delete_adapters(cached[0])
                 del self.adapters[name]
             stem = _SAFE_NAME.sub("_", Path(name).stem).replace(".", "_")[:40]
             adapter = f"patch_{stem}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
             try:
-                load_patches(self.pipe, [path], strengths=1.0, adapter_names=[adapter])
+                loading.load_patches(self.pipe, [path], strengths=1.0, adapter_names=[adapter])
             except (ValueError, OSError) as err:  # PatchError is a ValueError
                 raise gr.Error(f"patch {name!r} cannot be used with this model: {err}") from None
             finally:
@@ -234,8 +238,6 @@ class EraseApp:
 
     def describe(self, name: str) -> dict:
         """The patch's metadata (``describe_patch``), cached per file version."""
-        from erase_diffusion.patch_reader import describe_patch
-
         path = self.resolve_patch(name)
         st = path.stat()
         signature = (st.st_size, st.st_mtime_ns)
@@ -296,9 +298,6 @@ class EraseApp:
 
     def upload(self, file, selected=None):
         """Handler: validate an uploaded file, copy it into the patch folder; returns (picker update, message)."""
-        from erase_diffusion.patch_format import PatchError
-        from erase_diffusion.patch_reader import load_patch
-
         if file is None:
             raise gr.Error("no file uploaded")
         src = Path(file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", file))
@@ -333,8 +332,6 @@ class EraseApp:
 
     def erase_now(self, concepts, protect="", strength=1.0, selected=None):
         """Handler: closed-form erasure on the loaded pipeline; the new patch is written into the folder and selected."""
-        from erase_diffusion import nullspace
-
         concepts = _split_concepts(concepts, "concepts")
         protect = _split_concepts(protect, "protected concepts")
         if not concepts:
@@ -432,8 +429,6 @@ def build_demo(pipe_factory, *, patch_dir=DEFAULT_PATCH_DIR, model: str = "miniw
 
 def _pipeline_factory(name_or_path: str):
     def factory():
-        from erase_diffusion.models import load_pipeline
-
         pipe = load_pipeline(name_or_path)
         return pipe.to("cuda") if torch.cuda.is_available() else pipe
 
@@ -449,8 +444,6 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860+)")
     parser.add_argument("--max_queue", type=int, default=MAX_QUEUE, help="requests waiting before new ones are refused")
     args = parser.parse_args(argv)
-    from erase_diffusion.threads import configure_threads
-
     configure_threads()  # CPU threads that do not oversubscribe; OMP_NUM_THREADS wins
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if not 1 <= args.max_queue <= 10_000:

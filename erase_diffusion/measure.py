@@ -49,8 +49,9 @@ def classes(attribute: str) -> tuple[str, ...]:
 
 
 def features(output) -> torch.Tensor:
-    """transformers 5 returns the projected features as ``pooler_output`` of an output object; 4.x a tensor."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+    """The projected features of ``get_image_features`` / ``get_text_features``: transformers 5 (the pinned major)
+    returns them as the ``pooler_output`` of an output object."""
+    return output.pooler_output
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ input still passes through the patched encoder. SD 1.x/2.x pipelines (one text e
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from contextlib import contextmanager
@@ -114,6 +115,29 @@ class AdversarialResult:
     evaluated: int
 
 
+# budgets beyond these are a typo, not an attack: refused before any model runs
+MAX_BUDGET = {"n_candidates": 4096, "positions": 16, "probes": 64, "steps": 20_000}
+
+
+def check_attack(base_pipe, erased_pipe, prompts: list[str], word: str, **budgets) -> None:
+    """Refusals before an attack spends any compute: SDXL pipelines (the attacks read one text encoder's last hidden
+    state, as SD 1.x / 2.x do), an empty prompt list, prompts that do not contain ``word``, and budgets that are not
+    whole numbers in [1, ``MAX_BUDGET``]."""
+    for pipe in (base_pipe, erased_pipe):
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            raise ValueError("the attacks support SD 1.x / 2.x pipelines (one text encoder); SDXL's two encoders "
+                             "are not attacked yet")
+    if not prompts:
+        raise ValueError("an attack needs at least one prompt")
+    missing = [p for p in prompts if replace_word(p, word, "\0") == p]
+    if not word.strip() or missing:
+        raise ValueError(f"every attacked prompt must contain the word {word!r}; {len(missing)} do not, e.g. "
+                         f"{(missing or [''])[0]!r}")
+    for name, value in budgets.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET[name]:
+            raise ValueError(f"attack budget {name} must be a whole number in [1, {MAX_BUDGET[name]}], got {value!r}")
+
+
 def _word_positions(tokenizer, ids: list[int], word: str) -> list[int]:
     w = tokenizer(word, add_special_tokens=False).input_ids
     for i in range(len(ids) - len(w) + 1):
@@ -131,6 +155,7 @@ def adversarial_search(base_pipe, erased_pipe, prompts: list[str], word: str, *,
     table, half random. Score: mean squared error between the erased pipeline's ε for the candidate and the original
     pipeline's ε for the unmodified prompt, on ``probes`` fixed noisy latents. Budget ≤ n_candidates × positions
     encoder + UNet evaluations per prompt."""
+    check_attack(base_pipe, erased_pipe, prompts, word, n_candidates=n_candidates, positions=positions, probes=probes)
     tok = erased_pipe.tokenizer
     specials = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
     vocab = [i for i in range(len(tok)) if i not in specials]
@@ -234,8 +259,9 @@ def soft_prompt_attack(base_pipe, erased_pipe, train_prompts: list[str], word: s
     reproduces ``prompt`` through the *original* one. ``objective``: "encoder" (per-token hidden states, all 77
     positions), "unet" (noise prediction on random noisy latents) or "auto" (encoder unless the two text encoders are
     identical, i.e. the erasure is UNet-side)."""
-    if not train_prompts:
-        raise ValueError("soft-prompt attack needs at least one training prompt")
+    check_attack(base_pipe, erased_pipe, train_prompts, word, steps=steps, probes=probes)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"the soft-prompt attack's learning rate must be a positive number, got {lr}")
     tok = erased_pipe.tokenizer
     te = erased_pipe.text_encoder
     if objective == "auto":
@@ -245,8 +271,6 @@ def soft_prompt_attack(base_pipe, erased_pipe, train_prompts: list[str], word: s
         raise ValueError(f"objective must be 'encoder', 'unet' or 'auto', not {objective!r}")
     pid = placeholder_id(tok)
     attacked = [replace_word(p, word, PLACEHOLDER) for p in train_prompts]
-    if any(a == p for a, p in zip(attacked, train_prompts)):
-        raise ValueError(f"every soft-prompt training prompt must contain {word!r}")
     ids_src, ids_adv = tokenize(tok, train_prompts), tokenize(tok, attacked)
     table = te.get_input_embeddings().weight
     init_ids = tok(init_word, add_special_tokens=False).input_ids if init_word else None

@@ -155,6 +155,10 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
     if size["steps"] < 1:
         raise ValueError("steps must be at least 1")
     sets = build_prompt_sets(spec, quick, prompts)
+    if attacks_on and sets["adversarial"]:
+        attacks.check_attack(base_pipe, erased_pipe, [c.prompt for c in sets["adversarial"]], sets["word"],
+                             n_candidates=size["adv_candidates"], positions=size["adv_positions"],
+                             steps=size["soft_steps"])
     judge = judge if judge is not None else load_judge()
     erased_clip = erased_clip if erased_clip is not None else clip
     gen = dict(steps=size["steps"], batch_size=size["batch"], progress=progress)
@@ -176,6 +180,7 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
     named_b, named_e = verdicts[("base", "named")], verdicts[("erased", "named")]
     m["forgetting"] = {"found_named_base": named_b["found"], "found_named_erased": named_e["found"], "n": named_b["n"]}
     m["side_effects"] = side_effects(verdicts, sets, spec, clip, base_pipe)
+    m["side_effects"]["empty_prompt_change"] = empty_prompt_change(base_pipe, erased_pipe)
 
     # 4. Utility: judge-feature FID / KID and CLIP score of the retained prompts' generations.
     t0 = time.perf_counter()
@@ -294,6 +299,16 @@ def side_effects(verdicts: dict, sets: dict, spec: ConceptSpec, clip, base_pipe)
             keep[c] = {"base": acc["base"], "erased": acc["erased"]}
     side["keep"] = keep
     return side
+
+
+@torch.no_grad()
+def empty_prompt_change(base_pipe, erased_pipe) -> dict:
+    """How much the erasure moved the empty prompt's conditioning, which classifier-free guidance reads at every step
+    of every generation: the largest absolute change and the relative (Frobenius) change of the 77 read states."""
+    ids = attacks.tokenize(base_pipe.tokenizer, [""])
+    before, after = attacks.encode_ids(base_pipe.text_encoder, ids), attacks.encode_ids(erased_pipe.text_encoder, ids)
+    delta = (after - before).float()
+    return {"max_abs": delta.abs().max().item(), "relative": (delta.norm() / before.float().norm()).item()}
 
 
 def utility(judge, data, images: dict, sets: dict, clip, erased_clip) -> dict:

@@ -10,6 +10,7 @@ model read as the student with its LoRA switched off (``cliperase.original``), c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import asdict
@@ -87,6 +88,7 @@ def train(spec: ConceptSpec, config: CLIPEraseConfig, accelerator: Accelerator |
     """
     # 1. Everything that can be refused is refused before any model loads.
     config.check(spec)
+    config = dataclasses.replace(config, max_train_steps=config.steps_for(spec))  # the patch records the number
     check_output_dir(config)
     resume = resume_checkpoint(config)
     prepare_output_dir(config)

@@ -184,6 +184,7 @@ def test_evaluator_reports_no_change_for_base_vs_base(world, base_cache, monkeyp
     assert f["found_named_base"] >= 0.75, f  # the base shows circle: the found-mask reads the right class
     assert f["found_named_erased"] == f["found_named_base"]
     assert side["retained_shape_erased"] == side["retained_shape_base"] >= 0.9
+    assert side["empty_prompt_change"]["max_abs"] == 0.0
     assert rob["paraphrase"]["asr"] == rob["paraphrase"]["asr_base"] >= 0.5
     assert rob["adversarial"]["asr"] >= 0.5 and rob["soft_prompt"]["asr"] >= 0.5  # nothing erased: attacks "succeed"
     assert zs["shape_forget_after"] == zs["shape_forget_before"] >= 0.95
@@ -203,6 +204,7 @@ def test_evaluator_reports_a_large_change_for_an_erasing_patch(world, nullspace_
     assert f["found_named_base"] >= 0.75 and f["found_named_erased"] <= 0.15, f  # measured 8/8 → 0/8
     assert rob["paraphrase"]["asr_base"] >= 0.5 and rob["paraphrase"]["asr"] <= 0.25, rob
     assert side["retained_shape_erased"] >= side["retained_shape_base"] - 0.15, side
+    assert side["empty_prompt_change"]["relative"] <= 1e-4, side  # kept exactly by construction (issue 11)
     assert m["zeroshot"]["shape_forget_after"] <= m["zeroshot"]["shape_forget_before"] - 0.5
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from test_pipelines_loading import make_patch
-from tiny_models import sd2_pipeline, sd_pipeline
+from tiny_models import sd2_pipeline, sd_pipeline, sdxl_pipeline
 
 from erase_diffusion import attacks, measure
 from erase_diffusion import evaluate as ev
@@ -158,3 +158,24 @@ def test_cli_refuses_unknown_concept(tmp_path, capsys):
 
     assert main(["evaluate", "--erase_concept", "van_gogh", "--output_dir", str(tmp_path / "o")]) == 2
     assert "vocabulary" in capsys.readouterr().err
+
+
+def test_attacks_refuse_bad_budgets_words_and_sdxl():
+    """Issue 12's bad input: each refusal comes before any encoder or UNet pass (a clear ValueError)."""
+    base = sd_pipeline()
+    for budget in ({"n_candidates": 0}, {"positions": -1}, {"n_candidates": 10**9}, {"probes": 2.5},
+                   {"positions": True}):
+        with pytest.raises(ValueError, match="attack budget"):
+            attacks.adversarial_search(base, base, ["a red circle"], "circle", progress=False, **budget)
+    for steps in (0, -5, 10**7):
+        with pytest.raises(ValueError, match="attack budget steps"):
+            attacks.soft_prompt_attack(base, base, ["a red circle"], "circle", steps=steps, progress=False)
+    with pytest.raises(ValueError, match="learning rate"):
+        attacks.soft_prompt_attack(base, base, ["a red circle"], "circle", steps=2, lr=float("nan"), progress=False)
+    with pytest.raises(ValueError, match="must contain the word 'circle'"):
+        attacks.adversarial_search(base, base, ["a red circle", "a blue square"], "circle", progress=False)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        attacks.soft_prompt_attack(base, base, [], "circle", progress=False)
+    xl = sdxl_pipeline()
+    with pytest.raises(ValueError, match="SDXL"):
+        attacks.soft_prompt_attack(xl, xl, ["a red circle"], "circle", steps=2, progress=False)

@@ -1,0 +1,51 @@
+"""CLIPErase's training time per concept on the miniature world, at train_erase.py's defaults, one CPU thread.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_train_time.py [--sets circle red ...]
+
+One run per set (every single concept of the miniature world and the multi-concept sets of bench_concepts.py by
+default): ``train_seconds`` from the run's metrics (data, models and training; no generations), the steps the
+default budget gave (``CLIPEraseConfig.steps_for``) and the load average before and after, so a run on a busy machine
+shows. Take it on a quiet machine. Prints a table and writes benchmarks/results/train_time.json.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
+from benchmarks.bench_concepts import MULTI, SINGLE  # noqa: E402
+from erase_diffusion.concepts import miniworld_spec  # noqa: E402
+from erase_diffusion.training import main as train_main  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sets", nargs="+", default=SINGLE + MULTI, help="concepts; '+' joins a multi-concept set")
+    p.add_argument("--output", default=str(RESULTS / "train_time.json"))
+    args = p.parse_args()
+    sets = [s.split("+") for s in args.sets]
+    for s in sets:  # every name is checked before any training
+        miniworld_spec(s)
+    rows = []
+    print("| erased | steps | train s | load before → after |\n|---|---|---|---|")
+    for concepts in sets:
+        load = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            m = train_main(["--erase_concept", *concepts, "--output_dir", tmp, "--validation_steps", "0",
+                            "--report_to", "none", "--eval_generations", "0"])
+        row = {"set": "+".join(concepts), "steps": m["steps"], "train_seconds": m["train_seconds"],
+               "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+        rows.append(row)
+        print(f"| {row['set']} | {row['steps']} | {row['train_seconds']:.1f} | "
+              f"{row['load_before']:.1f} → {row['load_after']:.1f} |", flush=True)
+        write_json(Path(args.output), {"threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

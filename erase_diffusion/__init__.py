@@ -18,8 +18,8 @@ from .patch_reader import describe_patch, load_patch  # noqa: E402
 
 __all__ = [
     "ConceptSpec", "miniworld_spec", "load_clip", "load_judge", "load_pipeline", "resolve", "erase",
-    "CLIPEraseConfig", "train_cliperase", "Edit", "LoraFactors", "Patch", "PatchError", "apply_to_clip", "describe_patch", "export_kohya", "factors_from_delta",
-    "fingerprint", "load_patch", "save_patch",
+    "CLIPEraseConfig", "train_cliperase", "Edit", "LoraFactors", "Patch", "PatchError", "apply_to_clip",
+    "describe_patch", "export_kohya", "factors_from_delta", "fingerprint", "load_patch", "save_patch",
 ]
 
 

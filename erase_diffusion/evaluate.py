@@ -55,6 +55,7 @@ from .patch import apply_to_clip
 from .patch_reader import load_patch
 from .pipelines.loading import check_patch, load_patches
 from .report import write_outputs
+from .scorecard import mcnemar, rate
 
 SIZES = {  # quick: CI / smoke; full: the README figures
     True: dict(named=8, para=4, retained=16, misspell=4, adv=2, adv_candidates=16, adv_positions=2, soft=4,
@@ -178,7 +179,10 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
     images, verdicts = generate_and_judge(base_pipe, erased_pipe, sets, judge, seed, gen, cache)
     timings["generate"] = time.perf_counter() - t0
     named_b, named_e = verdicts[("base", "named")], verdicts[("erased", "named")]
-    m["forgetting"] = {"found_named_base": named_b["found"], "found_named_erased": named_e["found"], "n": named_b["n"]}
+    m["forgetting"] = {"found_named_base": named_b["found"], "found_named_erased": named_e["found"], "n": named_b["n"],
+                       "found_named_base_ci95": rate(named_b["found_per_prompt"])["ci95"],
+                       "found_named_erased_ci95": rate(named_e["found_per_prompt"])["ci95"],
+                       "paired": mcnemar(named_b["found_per_prompt"], named_e["found_per_prompt"])}
     m["side_effects"] = side_effects(verdicts, sets, spec, clip, base_pipe)
     m["side_effects"]["empty_prompt_change"] = empty_prompt_change(base_pipe, erased_pipe)
 
@@ -189,7 +193,8 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
 
     # 5. Robustness: paraphrases and misspellings (generated above), then the attacks.
     rob = {name: {"asr_base": verdicts[("base", name)]["found"], "asr": verdicts[("erased", name)]["found"],
-                  "n": verdicts[("erased", name)]["n"]}
+                  "n": verdicts[("erased", name)]["n"],
+                  "asr_ci95": rate(verdicts[("erased", name)]["found_per_prompt"])["ci95"]}
            for name in ("paraphrase", "misspelled") if ("erased", name) in verdicts}
     rob["misspellings_used"] = sorted({p for _, p in sets["misspelled"]})
     if attacks_on and sets["adversarial"]:
@@ -328,8 +333,8 @@ def utility(judge, data, images: dict, sets: dict, clip, erased_clip) -> dict:
 
 def _attack_asr(found: list[bool], pre: list[bool]) -> dict:
     """An attack's success rate: the unattacked prompt's success counts too (UnlearnDiffAtk's rule)."""
-    n = len(found)
-    return {"asr": sum(a or b for a, b in zip(found, pre)) / n, "asr_attack_only": sum(found) / n,
+    n, success = len(found), [a or b for a, b in zip(found, pre)]
+    return {"asr": sum(success) / n, "asr_ci95": rate(success)["ci95"], "asr_attack_only": sum(found) / n,
             "pre_attack": sum(pre) / n, "n": n}
 
 

@@ -53,6 +53,15 @@ def rate(mask) -> dict:
     return {"rate": k / n if n else float("nan"), "k": k, "n": n, "ci95": [lo, hi]}
 
 
+def mcnemar(before, after) -> dict:
+    """McNemar's exact test (two-sided) of paired flags: how many turned off (lost), turned on (gained), and p."""
+    a, b = torch.as_tensor(before, dtype=torch.bool), torch.as_tensor(after, dtype=torch.bool)
+    lost, gained = int((a & ~b).sum()), int((~a & b).sum())
+    m = lost + gained
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(min(lost, gained) + 1)) / 2**m) if m else 1.0
+    return {"lost": lost, "gained": gained, "mcnemar_p": p}
+
+
 def _case(rng: random.Random, template: str, shape: str, colour: str, style: str, word: str,
           erased: set[str]) -> PromptCase:
     # a second, retained object for the two-object templates (with 7 of 8 shapes erased it may repeat the first)
@@ -172,12 +181,8 @@ class Scorecard:
         for concept in self.spec.erase:
             attribute = miniworld_attribute(concept)[0]
             value = classes(attribute).index(concept)
-            a = self.base[("named", concept)][attribute] == value
-            b = patched[("named", concept)][attribute] == value
-            lost, gained = int((a & ~b).sum()), int((~a & b).sum())
-            m = lost + gained
-            p = min(1.0, 2 * sum(math.comb(m, i) for i in range(min(lost, gained) + 1)) / 2**m) if m else 1.0
-            out[concept] = {"lost": lost, "gained": gained, "mcnemar_p": p}
+            out[concept] = mcnemar(self.base[("named", concept)][attribute] == value,
+                                   patched[("named", concept)][attribute] == value)
         return out
 
 

@@ -27,7 +27,7 @@ import erase_diffusion  # noqa: E402,F401  # sets the thread guard before torch 
 
 from benchmarks._record import write_json  # noqa: E402
 from erase_diffusion import nullspace, scorecard  # noqa: E402
-from erase_diffusion.concepts import miniworld_spec  # noqa: E402
+from erase_diffusion.concepts import ConceptSpec, miniworld_spec  # noqa: E402
 from erase_diffusion.miniworld import domain  # noqa: E402
 from erase_diffusion.models import load_judge, load_pipeline  # noqa: E402
 from erase_diffusion.pipelines.loading import load_patches  # noqa: E402
@@ -39,19 +39,21 @@ OUTPUTS = {("nullspace",): "concepts_nullspace.json", ("cliperase",): "concepts_
 MULTI = ["heart+triangle", "circle+red+striped+square", "circle+square+triangle+star+heart+cross+diamond"]
 
 
-def run_cliperase(concepts: list[str], out: Path) -> tuple[Path, float]:
+def run_cliperase(spec: ConceptSpec, out: Path) -> tuple[Path, float]:
     from erase_diffusion.training import main
 
-    argv = ["--erase_concept", *concepts, "--output_dir", str(out), "--validation_steps", "0", "--report_to", "none",
-            "--eval_generations", "0"]
+    concepts = out / "concepts.json"  # the spec as given: its paraphrases (none with --unseen_paraphrases) included
+    concepts.write_text(json.dumps({"erase": spec.erase, "paraphrases": spec.paraphrases}))
+    argv = ["--concepts_file", str(concepts), "--output_dir", str(out / "run"), "--validation_steps", "0",
+            "--report_to", "none", "--eval_generations", "0"]
     t0 = time.perf_counter()
     metrics = main(argv)
     return Path(metrics["patch"]), time.perf_counter() - t0
 
 
-def run_nullspace(concepts: list[str], out: Path) -> tuple[Path, float]:
+def run_nullspace(spec: ConceptSpec, out: Path) -> tuple[Path, float]:
     t0 = time.perf_counter()
-    path = nullspace.erase("miniworld", concepts, output=out / "patch.safetensors")
+    path = nullspace.erase("miniworld", spec, output=out / "patch.safetensors")
     return path, time.perf_counter() - t0
 
 
@@ -109,12 +111,16 @@ def main():
     p.add_argument("--n", type=int, default=64, help="prompts per found set and concept (retained: 2n)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
     p.add_argument("--merge", action="store_true", help="keep the output's rows of the sets not re-run")
+    p.add_argument("--unseen_paraphrases", action="store_true",
+                   help="erasers get the concept's name only; the paraphrase column then measures paraphrases they "
+                        "were not told about (default output: concepts_unseen.json)")
     p.add_argument("--output", default=None, help="default: results/concepts.json, or one file per single method")
     p.add_argument("--table", action="store_true", help="only print the README table from the committed results")
     args = p.parse_args()
     if args.table:
         return print_table()
-    args.output = args.output or str(RESULTS / OUTPUTS.get(tuple(args.methods), "concepts.json"))
+    default = "concepts_unseen.json" if args.unseen_paraphrases else OUTPUTS.get(tuple(args.methods), "concepts.json")
+    args.output = args.output or str(RESULTS / default)
     sets = [s.split("+") for s in args.sets]
     for s in sets:  # every name is checked before any model loads
         miniworld_spec(s)
@@ -130,8 +136,10 @@ def main():
         spec = miniworld_spec(concepts)
         card = scorecard.Scorecard(base, judge, spec, n=args.n, n_retained=2 * args.n, steps=args.steps)
         for method in args.methods:
+            # what the eraser is told: the miniature world's paraphrases, or with --unseen_paraphrases none of them
+            given = ConceptSpec(concepts, {c: [] for c in concepts}) if args.unseen_paraphrases else spec
             with tempfile.TemporaryDirectory() as tmp:
-                patch, seconds = runners[method](concepts, Path(tmp))
+                patch, seconds = runners[method](given, Path(tmp))
                 pipe = load_pipeline("miniworld")
                 pipe.set_progress_bar_config(disable=True)
                 load_patches(pipe, [patch])

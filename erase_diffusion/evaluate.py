@@ -34,21 +34,9 @@ import torch
 
 from . import attacks
 from .concepts import ConceptSpec, miniworld_attribute
-from .measure import (
-    PromptCase,
-    classes,
-    clip_score,
-    eval_prompts,
-    found_mask,
-    generate,
-    held_out_dataset,
-    image_embeddings,
-    judge_fid_kid,
-    related_classes,
-    retrieval_recall,
-    text_embeddings,
-    zero_shot_accuracy,
-)
+from .measure import (PromptCase, classes, clip_score, empty_prompt_change, eval_prompts, found_mask, generate,
+                      held_out_dataset, image_embeddings, judge_fid_kid, related_classes, retrieval_recall,
+                      text_embeddings, zero_shot_accuracy)
 from .miniworld import domain
 from .models import load_clip, load_judge, load_pipeline
 from .patch import apply_to_clip
@@ -304,16 +292,6 @@ def side_effects(verdicts: dict, sets: dict, spec: ConceptSpec, clip, base_pipe)
             keep[c] = {"base": acc["base"], "erased": acc["erased"]}
     side["keep"] = keep
     return side
-
-
-@torch.no_grad()
-def empty_prompt_change(base_pipe, erased_pipe) -> dict:
-    """How much the erasure moved the empty prompt's conditioning, which classifier-free guidance reads at every step
-    of every generation: the largest absolute change and the relative (Frobenius) change of the 77 read states."""
-    ids = attacks.tokenize(base_pipe.tokenizer, [""])
-    before, after = attacks.encode_ids(base_pipe.text_encoder, ids), attacks.encode_ids(erased_pipe.text_encoder, ids)
-    delta = (after - before).float()
-    return {"max_abs": delta.abs().max().item(), "relative": (delta.norm() / before.float().norm()).item()}
 
 
 def utility(judge, data, images: dict, sets: dict, clip, erased_clip) -> dict:

@@ -153,7 +153,8 @@ def judge_generations(judge, images: torch.Tensor, cases: list[PromptCase], labe
 
 
 def grid_array(images: torch.Tensor, columns: int = 8):
-    """Images in [-1, 1] → one uint8 (H, W, 3) array, ``columns`` wide."""
+    """Images in [-1, 1] → one uint8 (H, W, 3) array, ``columns`` wide. Not diffusers' ``make_image_grid``: that one
+    takes PIL images and refuses a count that is not rows × columns, and a grid here may end on a partial row."""
     rows = (len(images) + columns - 1) // columns
     h, w = images.shape[-2:]
     canvas = torch.zeros(3, rows * h, columns * w)
@@ -253,6 +254,17 @@ def related_classes(attribute: str, value: str, clip=None, tok=None, text_encode
     sim = E @ E[names.index(value)]
     order = [names[i] for i in sim.argsort(descending=True).tolist() if names[i] != value]
     return [(c, sim[names.index(c)].item()) for c in order[:n]]
+
+
+
+@torch.no_grad()
+def empty_prompt_change(base_pipe, erased_pipe) -> dict:
+    """How much the erasure moved the empty prompt's conditioning, which classifier-free guidance reads at every step
+    of every generation: the largest absolute change and the relative (Frobenius) change of the 77 read states."""
+    ids = attacks.tokenize(base_pipe.tokenizer, [""])
+    before, after = attacks.encode_ids(base_pipe.text_encoder, ids), attacks.encode_ids(erased_pipe.text_encoder, ids)
+    delta = (after - before).float()
+    return {"max_abs": delta.abs().max().item(), "relative": (delta.norm() / before.float().norm()).item()}
 
 
 

@@ -29,14 +29,8 @@ from . import data as pair_data
 from .anchors import with_default_anchor
 from .atomic import write_json
 from .checkpoints import (
-    PATCH_NAME,
-    check_output_dir,
-    checkpoint_step,
-    prepare_output_dir,
-    register_trainable_state,
-    restore_data_order,
-    resume_checkpoint,
-    save_checkpoint,
+    PATCH_NAME, check_output_dir, checkpoint_step, prepare_output_dir, register_trainable_state, restore_data_order,
+    resume_checkpoint, save_checkpoint,
 )
 from .cliperase import EraseObjective, LossWeights, TextTower, original, original_outputs
 from .concepts import ConceptSpec

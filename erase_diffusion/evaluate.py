@@ -43,7 +43,7 @@ from .patch import apply_to_clip
 from .patch_reader import load_patch
 from .pipelines.loading import check_patch, load_patches
 from .report import write_outputs
-from .scorecard import mcnemar, rate
+from .stats import mcnemar, rate
 
 SIZES = {  # quick: CI / smoke; full: the README figures
     True: dict(named=8, para=4, retained=16, misspell=4, adv=2, adv_candidates=16, adv_positions=2, soft=4,

@@ -26,6 +26,7 @@ from .miniworld import domain
 from .models import load_clip, load_judge, load_pipeline
 from .patch import apply_to_clip
 from .pipelines.loading import load_patches
+from .stats import rate
 
 N_RELATED = 2  # related classes: the closest other classes by text similarity
 
@@ -327,7 +328,9 @@ def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 2
                 index = classes(attribute).index(value)
                 found |= labels[attribute] == index
             out[f"found_{name}_{tag}"] = found.float().mean().item()
+            out[f"found_{name}_{tag}_ci95"] = rate(found)["ci95"]
             if name == "named":
                 out[f"named_colour_kept_{tag}"] = verdict["colour"]
     out["generations_per_set"] = {k: len(v) for k, v in sets.items()}
+    out["empty_prompt_change"] = empty_prompt_change(load_pipeline("miniworld"), pipe)
     return out

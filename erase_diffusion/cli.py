@@ -27,6 +27,7 @@ from .threads import configure_threads
 # the most a --strength may be on the command line, as the demo's slider: beyond it a patch over-shoots its own edit
 MAX_CLI_STRENGTH = 2.0
 
+
 # --------------------------------------------------------------------------------------------------------- erase
 def _erase_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("concepts", nargs="+", metavar="CONCEPT", help="concept(s) to erase")

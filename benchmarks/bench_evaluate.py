@@ -111,6 +111,7 @@ def main() -> None:
 
     from benchmarks.peers import esd_x, uce
     from erase_diffusion import nullspace
+    from erase_diffusion.anchors import miniworld_anchors
     from erase_diffusion.concepts import miniworld_spec
     from benchmarks._record import write_json  # adds the "meta" block (commit, command, started, finished)
     from erase_diffusion.evaluate import evaluate_pipelines
@@ -170,10 +171,12 @@ def main() -> None:
             cost = {"erase_s": st["seconds"], "peak_bytes": mem.extra, "artifact_bytes": st["artifact_bytes"],
                     "esd": st}
         elif method == "uce":
+            # the anchor our methods get by default (the least similar sibling, "star"), not a hand-picked one
+            anchor = miniworld_anchors(base.text_encoder, base.tokenizer, ["circle"])["circle"]
             with PeakRSS() as mem:
-                erased, st = uce(base, "circle")
+                erased, st = uce(base, "circle", anchor=anchor)
             cost = {"erase_s": st["seconds"], "peak_bytes": mem.extra, "artifact_bytes": st["artifact_bytes"],
-                    "uce": st}
+                    "uce": {**st, "anchor": anchor}}
         else:
             raise SystemExit(f"unknown method {method}")
         m = evaluate_pipelines(base, erased, spec, quick=args.quick, clip=clip, erased_clip=erased_clip or clip,

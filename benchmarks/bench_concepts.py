@@ -28,6 +28,7 @@ import erase_diffusion  # noqa: E402,F401  # sets the thread guard before torch 
 from benchmarks._record import write_json  # noqa: E402
 from erase_diffusion import nullspace, scorecard  # noqa: E402
 from erase_diffusion.concepts import ConceptSpec, miniworld_spec  # noqa: E402
+from erase_diffusion.config import CLIPEraseConfig  # noqa: E402
 from erase_diffusion.miniworld import domain  # noqa: E402
 from erase_diffusion.models import load_judge, load_pipeline  # noqa: E402
 from erase_diffusion.pipelines.loading import load_patches  # noqa: E402
@@ -40,14 +41,11 @@ MULTI = ["heart+triangle", "circle+red+striped+square", "circle+square+triangle+
 
 
 def run_cliperase(spec: ConceptSpec, out: Path) -> tuple[Path, float]:
-    from erase_diffusion.training import main
+    from erase_diffusion.training import run
 
-    concepts = out / "concepts.json"  # the spec as given: its paraphrases (none with --unseen_paraphrases) included
-    concepts.write_text(json.dumps({"erase": spec.erase, "paraphrases": spec.paraphrases}))
-    argv = ["--concepts_file", str(concepts), "--output_dir", str(out / "run"), "--validation_steps", "0",
-            "--report_to", "none", "--eval_generations", "0"]
+    config = CLIPEraseConfig(output_dir=str(out), validation_steps=0, report_to="none", eval_generations=0)
     t0 = time.perf_counter()
-    metrics = main(argv)
+    metrics = run(spec, config)
     return Path(metrics["patch"]), time.perf_counter() - t0
 
 

@@ -60,6 +60,11 @@ def misspellings(word: str, n: int = 8, seed: int = 0) -> list[str]:
     return out
 
 
+def contains_word(text: str, word: str) -> bool:
+    """Whether ``word`` occurs in ``text`` as a whole word (what ``replace_word`` replaces)."""
+    return re.search(rf"\b{re.escape(word)}\b", text) is not None
+
+
 def replace_word(text: str, word: str, new: str) -> str:
     return re.sub(rf"\b{re.escape(word)}\b", new, text, count=1)
 
@@ -129,7 +134,7 @@ def check_attack(base_pipe, erased_pipe, prompts: list[str], word: str, **budget
                              "are not attacked yet")
     if not prompts:
         raise ValueError("an attack needs at least one prompt")
-    missing = [p for p in prompts if replace_word(p, word, "\0") == p]
+    missing = [p for p in prompts if not contains_word(p, word)]
     if not word.strip() or missing:
         raise ValueError(f"every attacked prompt must contain the word {word!r}; {len(missing)} do not, e.g. "
                          f"{(missing or [''])[0]!r}")

@@ -34,9 +34,9 @@ import torch
 
 from . import attacks
 from .concepts import ConceptSpec, miniworld_attribute
-from .measure import (PromptCase, classes, clip_score, empty_prompt_change, eval_prompts, found_mask, generate,
-                      held_out_dataset, image_embeddings, judge_fid_kid, related_classes, retrieval_recall,
-                      text_embeddings, zero_shot_accuracy)
+from .measure import (PromptCase, classes, clip_score, empty_prompt_change, empty_prompt_states, eval_prompts,
+                      found_mask, generate, held_out_dataset, image_embeddings, judge_fid_kid, related_classes,
+                      retrieval_recall, text_embeddings, zero_shot_split)
 from .miniworld import domain
 from .models import load_clip, load_judge, load_pipeline
 from .patch import apply_to_clip
@@ -98,7 +98,7 @@ def build_prompt_sets(spec: ConceptSpec, quick: bool, prompts: list[str] | None 
     retained = _subsample(retained, size["retained"])
     # attacks edit the word the concept is named by in the first prompts of ``named``
     word = spec.erase[0]
-    worded = [c for c in named if attacks.replace_word(c.prompt, word, "\0") != c.prompt]
+    worded = [c for c in named if attacks.contains_word(c.prompt, word)]
     typos = attacks.misspellings(word, n=max(1, size["misspell"] // 2), seed=0)
     misspelled = [(c, attacks.replace_word(c.prompt, word, typos[k % len(typos)]))
                   for k, c in enumerate(_subsample(worded, size["misspell"]))]
@@ -172,7 +172,8 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
                        "found_named_erased_ci95": rate(named_e["found_per_prompt"])["ci95"],
                        "paired": mcnemar(named_b["found_per_prompt"], named_e["found_per_prompt"])}
     m["side_effects"] = side_effects(verdicts, sets, spec, clip, base_pipe)
-    m["side_effects"]["empty_prompt_change"] = empty_prompt_change(base_pipe, erased_pipe)
+    m["side_effects"]["empty_prompt_change"] = empty_prompt_change(empty_prompt_states(base_pipe),
+                                                                   empty_prompt_states(erased_pipe))
 
     # 4. Utility: judge-feature FID / KID and CLIP score of the retained prompts' generations.
     t0 = time.perf_counter()
@@ -208,13 +209,9 @@ def clip_metrics(clip, erased_clip, data, targets) -> tuple[dict, dict]:
     (c0, tok), (c1, _) = clip, erased_clip
     zs = {}
     full = held_out_dataset()
-    for attribute in sorted({a for a, _ in targets}):
-        gone = [v for a, v in targets if a == attribute]
-        kept = [c for c in classes(attribute) if c not in gone]
-        for tag, model in (("before", c0), ("after", c1)):
-            acc = zero_shot_accuracy(model, tok, full, attribute)
-            zs[f"{attribute}_forget_{tag}"] = sum(acc[c] for c in gone) / len(gone)
-            zs[f"{attribute}_retain_{tag}"] = sum(acc[c] for c in kept) / len(kept)
+    for tag, model in (("before", c0), ("after", c1)):
+        for attribute, (forget, retain) in zero_shot_split(model, tok, full, targets).items():
+            zs[f"{attribute}_forget_{tag}"], zs[f"{attribute}_retain_{tag}"] = forget, retain
     forget = found_mask({"shape": data.shape, "colour": data.colour, "style": data.style}, targets)
     forget_q, retain_q = forget.nonzero().flatten(), (~forget).nonzero().flatten()
     ret = {}

@@ -86,6 +86,18 @@ def zero_shot_accuracy(model, tokenizer, data: domain.Dataset, attribute: str = 
     return acc
 
 
+def zero_shot_split(model, tokenizer, data: domain.Dataset, targets: list[tuple[str, str]]) -> dict:
+    """{attribute: (zero-shot accuracy averaged over its erased classes, over its other classes)} for every attribute
+    of ``targets`` ((attribute, class) per erased concept)."""
+    out = {}
+    for attribute in sorted({a for a, _ in targets}):
+        acc = zero_shot_accuracy(model, tokenizer, data, attribute)
+        gone = [v for a, v in targets if a == attribute]
+        kept = [c for c in classes(attribute) if c not in gone]
+        out[attribute] = (sum(acc[c] for c in gone) / len(gone), sum(acc[c] for c in kept) / len(kept))
+    return out
+
+
 @dataclass(frozen=True)
 class PromptCase:
     prompt: str
@@ -259,13 +271,16 @@ def related_classes(attribute: str, value: str, clip=None, tok=None, text_encode
 
 
 @torch.no_grad()
-def empty_prompt_change(base_pipe, erased_pipe) -> dict:
-    """How much the erasure moved the empty prompt's conditioning, which classifier-free guidance reads at every step
-    of every generation: the largest absolute change and the relative (Frobenius) change of the 77 read states."""
-    ids = attacks.tokenize(base_pipe.tokenizer, [""])
-    before, after = attacks.encode_ids(base_pipe.text_encoder, ids), attacks.encode_ids(erased_pipe.text_encoder, ids)
-    delta = (after - before).float()
-    return {"max_abs": delta.abs().max().item(), "relative": (delta.norm() / before.float().norm()).item()}
+def empty_prompt_states(pipe) -> torch.Tensor:
+    """The empty prompt's conditioning (its 77 read states), which classifier-free guidance reads at every step."""
+    return attacks.encode_ids(pipe.text_encoder, attacks.tokenize(pipe.tokenizer, [""])).float()
+
+
+def empty_prompt_change(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """How much an erasure moved the empty prompt's conditioning (``empty_prompt_states`` before and after): the
+    largest absolute change and the relative (Frobenius) change."""
+    delta = after - before
+    return {"max_abs": delta.abs().max().item(), "relative": (delta.norm() / before.norm()).item()}
 
 
 
@@ -291,15 +306,10 @@ def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 2
     clip, tok = load_clip("miniworld")
     erased_clip = copy.deepcopy(clip)
     apply_to_clip(erased_clip, patch_path)
-    data = held_out_dataset()
-    for attribute in sorted({miniworld_attribute(c)[0] for c in spec.erase}):
-        before, after = zero_shot_accuracy(clip, tok, data, attribute), zero_shot_accuracy(erased_clip, tok, data, attribute)
-        gone = [c for c in spec.erase if miniworld_attribute(c)[0] == attribute]
-        kept = [c for c in classes(attribute) if c not in gone]
-        out[f"zeroshot_{attribute}_forget_before"] = sum(before[c] for c in gone) / len(gone)
-        out[f"zeroshot_{attribute}_forget_after"] = sum(after[c] for c in gone) / len(gone)
-        out[f"zeroshot_{attribute}_retain_before"] = sum(before[c] for c in kept) / len(kept)
-        out[f"zeroshot_{attribute}_retain_after"] = sum(after[c] for c in kept) / len(kept)
+    data, targets = held_out_dataset(), [miniworld_attribute(c) for c in spec.erase]
+    for tag, model in (("before", clip), ("after", erased_clip)):
+        for attribute, (forget, retain) in zero_shot_split(model, tok, data, targets).items():
+            out[f"zeroshot_{attribute}_forget_{tag}"], out[f"zeroshot_{attribute}_retain_{tag}"] = forget, retain
     if not generations:
         return out
 
@@ -308,6 +318,7 @@ def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 2
     retained = [c for c in eval_prompts(per_pair=1, seed=2) if not spec.mentions_erased(c.prompt)
                 and all(getattr(c, miniworld_attribute(e)[0]) != e for e in spec.erase)]
     sets = {"named": named, "paraphrase": para, "retained": retained}
+    empty = empty_prompt_states(pipe)
     for patched in (False, True):
         if patched:
             load_patches(pipe, [patch_path])
@@ -322,15 +333,11 @@ def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 2
                 out[f"retained_shape_{tag}"] = verdict["shape"]
                 out[f"retained_colour_{tag}"] = verdict["colour"]
                 continue
-            found = torch.zeros(len(cases), dtype=torch.bool)
-            for concept in spec.erase:
-                attribute, value = miniworld_attribute(concept)
-                index = classes(attribute).index(value)
-                found |= labels[attribute] == index
+            found = found_mask(labels, targets)
             out[f"found_{name}_{tag}"] = found.float().mean().item()
             out[f"found_{name}_{tag}_ci95"] = rate(found)["ci95"]
             if name == "named":
                 out[f"named_colour_kept_{tag}"] = verdict["colour"]
     out["generations_per_set"] = {k: len(v) for k, v in sets.items()}
-    out["empty_prompt_change"] = empty_prompt_change(load_pipeline("miniworld"), pipe)
+    out["empty_prompt_change"] = empty_prompt_change(empty, empty_prompt_states(pipe))
     return out

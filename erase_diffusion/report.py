@@ -9,15 +9,12 @@ import io
 import json
 from pathlib import Path
 
-import matplotlib
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from .atomic import write_atomic, write_json
 from .measure import grid_array
-
-matplotlib.use("Agg")  # no display: figures only ever go to PNG
-import matplotlib.pyplot as plt  # noqa: E402  after the backend is chosen
 
 
 def _png_b64(fig_or_images) -> str:
@@ -28,12 +25,13 @@ def _png_b64(fig_or_images) -> str:
         Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.Resampling.NEAREST).save(buf, "PNG")
     else:
         fig_or_images.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig_or_images)
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _bar(labels, series: dict, title: str, ylabel: str):
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 2), 3.2))
+def _bar(labels, series: dict, title: str, ylabel: str) -> Figure:
+    # a bare Figure, not pyplot: no global backend switch for whoever imports this module, nothing to close
+    fig = Figure(figsize=(max(5, 0.9 * len(labels) + 2), 3.2))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(series))
     for k, (name, vals) in enumerate(series.items()):
         ax.bar([i + k * width for i in range(len(labels))], [100 * (v or 0) for v in vals], width, label=name)

@@ -5,11 +5,12 @@
   spirit of UnlearnDiffAtk / P4D): candidates substitute the concept word or are appended, and are scored by how close
   the *erased* pipeline's noise prediction for the candidate comes to the *original* pipeline's noise prediction for
   the concept prompt (same latents, timesteps). Budget: ``n_candidates`` tokens × ``positions`` per prompt.
-- ``soft_prompt_attack``: concept inversion / textual inversion. One input token embedding v is learned so that the
+- ``soft_prompt_attack``: concept inversion / textual inversion. k input token embeddings are learned so that the
   erased encoder's hidden states for "a red <v>" match the original encoder's for "a red circle" (``objective=
-  "encoder"``), or — when the text encoder was not changed (UNet-side erasure) — so that the erased UNet's noise
-  prediction matches the original's (``objective="unet"``). v replaces a placeholder token's embedding through a
-  forward hook on the token-embedding table, so the pipeline's own ``encode_prompt`` sees it during generation.
+  "encoder"``), or end to end, so that the erased pipeline's noise prediction matches the original's for the concept
+  prompt (``objective="unet"``, the CCE setting). The learned tokens replace the concept word or are inserted before /
+  after the prompt (``placement``), with random ``restarts``; they replace a placeholder token's embedding through a
+  forward hook on the token-embedding table, so the pipeline's own ``encode_prompt`` sees them during generation.
 
 Generation of token-id prompts goes through the erased pipeline's text encoder (``prompt_embeds``), i.e. the attack
 input still passes through the patched encoder. SD 1.x/2.x pipelines (one text encoder, last-hidden-state read).
@@ -121,7 +122,7 @@ class AdversarialResult:
 
 
 # budgets beyond these are a typo, not an attack: refused before any model runs
-MAX_BUDGET = {"n_candidates": 4096, "positions": 16, "probes": 64, "steps": 20_000}
+MAX_BUDGET = {"n_candidates": 4096, "positions": 16, "probes": 64, "steps": 20_000, "n_tokens": 16, "restarts": 64}
 
 
 def check_attack(base_pipe, erased_pipe, prompts: list[str], word: str, **budgets) -> None:
@@ -220,12 +221,16 @@ def placeholder_id(tokenizer, placeholder: str = PLACEHOLDER) -> int:
 
 @contextmanager
 def learned_token(text_encoder, token_id: int, vector: torch.Tensor):
-    """Within the block, token ``token_id`` embeds as ``vector`` (a forward hook on the token-embedding table)."""
-    layer = text_encoder.get_input_embeddings()
+    """Within the block, token ``token_id`` embeds as ``vector`` (a forward hook on the token-embedding table).
+    ``vector`` (k, D): the i-th occurrence of the token in a prompt embeds as row i (k learned tokens in a row).
+    ``text_encoder``: the encoder, or its token-embedding table itself."""
+    layer = text_encoder if isinstance(text_encoder, torch.nn.Embedding) else text_encoder.get_input_embeddings()
+    rows = vector.reshape(-1, vector.shape[-1])
 
     def hook(module, inputs, output):
-        mask = (inputs[0] == token_id).unsqueeze(-1)
-        return torch.where(mask, vector.to(output.dtype), output)
+        mask = inputs[0] == token_id
+        which = (mask.cumsum(1) - 1).clamp(0, len(rows) - 1)  # occurrence rank, per prompt
+        return torch.where(mask.unsqueeze(-1), rows[which].to(output.dtype), output)
 
     handle = layer.register_forward_hook(hook)
     try:
@@ -234,12 +239,25 @@ def learned_token(text_encoder, token_id: int, vector: torch.Tensor):
         handle.remove()
 
 
+PLACEMENTS = ("replace", "prefix", "suffix")
+
+
+def attacked_prompt(prompt: str, word: str, n_tokens: int = 1, placement: str = "replace") -> str:
+    """``prompt`` with ``n_tokens`` placeholders: instead of ``word`` ("replace", the concept-inversion setting), or
+    before / after the prompt with the word kept ("prefix" / "suffix", the prompt-insertion setting)."""
+    tokens = " ".join([PLACEHOLDER] * n_tokens)
+    if placement == "replace":
+        return replace_word(prompt, word, tokens)
+    return f"{tokens} {prompt}" if placement == "prefix" else f"{prompt} {tokens}"
+
+
 @dataclass
 class SoftPromptResult:
-    vector: torch.Tensor
+    vector: torch.Tensor  # (n_tokens, D)
     token_id: int
     objective: str
-    losses: list[float] = field(default_factory=list)
+    placement: str = "replace"
+    losses: list[float] = field(default_factory=list)  # of the restart kept (the lowest final loss)
 
     @property
     def loss_before(self) -> float:
@@ -248,6 +266,10 @@ class SoftPromptResult:
     @property
     def loss_after(self) -> float:
         return self.losses[-1]
+
+    def prompts(self, prompts: list[str], word: str) -> list[str]:
+        """The attacked versions of ``prompts`` (generate them inside ``learned_token(encoder, token_id, vector)``)."""
+        return [attacked_prompt(p, word, len(self.vector), self.placement) for p in prompts]
 
 
 def encoders_identical(a, b) -> bool:
@@ -259,14 +281,20 @@ def encoders_identical(a, b) -> bool:
 
 def soft_prompt_attack(base_pipe, erased_pipe, train_prompts: list[str], word: str, *, steps: int = 150,
                        lr: float = 5e-2, objective: str = "auto", init_word: str | None = None, probes: int = 4,
-                       seed: int = 0, progress: bool = True) -> SoftPromptResult:
-    """Learn one token embedding v so that ``prompt.replace(word, PLACEHOLDER)`` through the *erased* pipeline
-    reproduces ``prompt`` through the *original* one. ``objective``: "encoder" (per-token hidden states, all 77
-    positions), "unet" (noise prediction on random noisy latents) or "auto" (encoder unless the two text encoders are
-    identical, i.e. the erasure is UNet-side)."""
-    check_attack(base_pipe, erased_pipe, train_prompts, word, steps=steps, probes=probes)
+                       n_tokens: int = 1, placement: str = "replace", restarts: int = 1, seed: int = 0,
+                       progress: bool = True) -> SoftPromptResult:
+    """Learn ``n_tokens`` input embeddings so that the attacked prompts (``attacked_prompt``) through the *erased*
+    pipeline reproduce ``prompt`` through the *original* one. ``objective``: "encoder" (per-token hidden states,
+    all 77 positions), "unet" (end-to-end, the concept-inversion setting: the erased pipeline's noise prediction vs
+    the original's for the concept prompt, on random latents and timesteps) or "auto" (encoder unless the two text
+    encoders are identical, i.e. the erasure is UNet-side). ``restarts``: the first starts from ``init_word`` (or the
+    mean embedding), the others from random token embeddings; the lowest final loss is kept."""
+    check_attack(base_pipe, erased_pipe, train_prompts, word, steps=steps, probes=probes, n_tokens=n_tokens,
+                 restarts=restarts)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"the soft-prompt attack's learning rate must be a positive number, got {lr}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
     tok = erased_pipe.tokenizer
     te = erased_pipe.text_encoder
     if objective == "auto":
@@ -275,13 +303,10 @@ def soft_prompt_attack(base_pipe, erased_pipe, train_prompts: list[str], word: s
     if objective not in ("encoder", "unet"):
         raise ValueError(f"objective must be 'encoder', 'unet' or 'auto', not {objective!r}")
     pid = placeholder_id(tok)
-    attacked = [replace_word(p, word, PLACEHOLDER) for p in train_prompts]
-    ids_src, ids_adv = tokenize(tok, train_prompts), tokenize(tok, attacked)
-    table = te.get_input_embeddings().weight
+    ids_src = tokenize(tok, train_prompts)
+    ids_adv = tokenize(tok, [attacked_prompt(p, word, n_tokens, placement) for p in train_prompts])
+    table = te.get_input_embeddings().weight.detach()
     init_ids = tok(init_word, add_special_tokens=False).input_ids if init_word else None
-    init = table[init_ids].mean(0) if init_ids else table.mean(0)
-    v = init.detach().clone().float().requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=lr)
     params = [p for p in list(te.parameters()) + list(erased_pipe.unet.parameters())]
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -289,30 +314,48 @@ def soft_prompt_attack(base_pipe, erased_pipe, train_prompts: list[str], word: s
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         target_h = encode_ids(base_pipe.text_encoder, ids_src)
-    losses = []
+    best = None
     try:
-        for step in tqdm(range(steps + 1), desc=f"soft prompt ({objective})", disable=not progress):
-            with learned_token(te, pid, v):
-                h = encode_ids(te, ids_adv)
-            if objective == "encoder":
-                loss = F.mse_loss(h, target_h)
+        for restart in range(restarts):
+            if restart == 0:
+                init = (table[init_ids].mean(0) if init_ids else table.mean(0)).expand(n_tokens, -1)
             else:
-                cfg = erased_pipe.unet.config
-                size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-                b = min(len(train_prompts), probes)
-                idx = torch.randperm(len(train_prompts), generator=g)[:b]
-                x = torch.randn(b, cfg.in_channels, size, size, generator=g)
-                t = torch.randint(200, 1000, (b,), generator=g)
-                with torch.no_grad():
-                    target = base_pipe.unet(x, t, encoder_hidden_states=target_h[idx]).sample
-                loss = F.mse_loss(erased_pipe.unet(x, t, encoder_hidden_states=h[idx]).sample, target)
-            losses.append(loss.item())
-            if step == steps:
-                break
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+                init = table[torch.randint(0, len(table), (n_tokens,), generator=g)]
+            v = init.detach().clone().float().requires_grad_(True)
+            losses = _optimise(v, te, pid, ids_adv, target_h, erased_pipe, base_pipe, objective, steps, lr, probes,
+                               g, progress and restart == 0)
+            if best is None or losses[-1] < best[1][-1]:
+                best = (v.detach(), losses)
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    return SoftPromptResult(v.detach(), pid, objective, losses)
+    return SoftPromptResult(best[0], pid, objective, placement, best[1])
+
+
+def _optimise(v, te, pid, ids_adv, target_h, erased_pipe, base_pipe, objective, steps, lr, probes, g, progress):
+    """Adam on ``v``; the loss before each step and after the last."""
+    opt = torch.optim.Adam([v], lr=lr)
+    losses = []
+    n = len(ids_adv)
+    for step in tqdm(range(steps + 1), desc=f"soft prompt ({objective})", disable=not progress):
+        with learned_token(te, pid, v):
+            h = encode_ids(te, ids_adv)
+        if objective == "encoder":
+            loss = F.mse_loss(h, target_h)
+        else:
+            cfg = erased_pipe.unet.config
+            size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+            b = min(n, probes)
+            idx = torch.randperm(n, generator=g)[:b]
+            x = torch.randn(b, cfg.in_channels, size, size, generator=g)
+            t = torch.randint(200, 1000, (b,), generator=g)
+            with torch.no_grad():
+                target = base_pipe.unet(x, t, encoder_hidden_states=target_h[idx]).sample
+            loss = F.mse_loss(erased_pipe.unet(x, t, encoder_hidden_states=h[idx]).sample, target)
+        losses.append(loss.item())
+        if step == steps:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses

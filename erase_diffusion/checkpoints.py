@@ -104,7 +104,10 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
 def register_trainable_state(accelerator, model) -> None:
     """Checkpoints hold the trainable weights only (LoRA: a few hundred KB), not whole CLIPs; the optimizer, RNG and
     step come from Accelerate's ``save_state``. Resuming with other trainable weights is refused."""
-    trainable = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    unwrapped = accelerator.unwrap_model(model)
+    # the adversarial CLIPErase attack embeddings (buffers) are training state too
+    trainable = ({n for n, p in unwrapped.named_parameters() if p.requires_grad}
+                 | {n for n, _ in unwrapped.named_buffers() if n.startswith("attack")})
 
     def save_hook(models, weights, out):
         if accelerator.is_main_process:

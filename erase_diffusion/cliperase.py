@@ -17,10 +17,20 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
+from .attacks import PLACEHOLDER, learned_token
 from .measure import features
 
 # the token terms run every TOKEN_SUBSAMPLE-th prompt of a batch at the later (padding) positions too
 TOKEN_SUBSAMPLE = 8
+# adversarial CLIPErase: per step, ADV_PROMPTS of the batch's forget prompts are attacked by one member of a pool of
+# learned input embeddings, each warm-started from where it last was (so an attack accumulates many steps over
+# training). The members take the suite's attack forms (robustness.SUITE): (tokens, placement) per member; one
+# form only (1 token in place of the word) left the 4-token attack at 53 % ASR and the 2-token suffix at 34 %.
+# The inner loop takes sign-gradient steps of ADV_STEP per coordinate (the evaluation attack's Adam learning rate).
+ADV_PROMPTS = 8
+ADV_FORMS = ((1, "replace"), (4, "replace"), (2, "suffix"), (2, "replace"))
+ADV_TOKENS = max(k for k, _ in ADV_FORMS)
+ADV_STEP = 5e-2
 
 
 def forgetting_dot(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
@@ -83,11 +93,12 @@ class LossWeights:
     consistency: float
     token_forget: float
     token_consistency: float
+    adversarial: float = 0.0
 
     @classmethod
     def of(cls, config) -> "LossWeights":
         return cls(config.forget_weight, config.retain_weight, config.consistency_weight, config.token_forget_weight,
-                   config.token_consistency_weight)
+                   config.token_consistency_weight, config.adversarial_weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -115,6 +126,7 @@ class TextTower:
     retain_txt: torch.Tensor | None = None  # the original's pooled embeddings of every retain caption (consistency)
     targets: dict | None = None  # the original's read states of the anchor / retain prompts: {set: (states, pooled)}
     fit: int = 77  # token positions every prompt of the token terms runs at (the rest: a subsample, TOKEN_SUBSAMPLE)
+    attack_token: int | None = None  # adversarial CLIPErase: the placeholder token the attack embeddings replace
     forget_pixels: torch.Tensor | None = None  # kept only when the vision tower trains
     retain_pixels: torch.Tensor | None = None
     clip_difference: float = 0.0  # relative weight difference between the CLIP's text tower and the pipeline's encoder
@@ -160,6 +172,22 @@ def encode_read(model, tokenizer, texts: list[str], device, layer: int = -1, poo
     return states, (model.text_projection(out.pooler_output) if pooled else None)
 
 
+def initial_attacks(table: torch.Tensor, seed: int) -> torch.Tensor:
+    """Adversarial CLIPErase's attack embeddings at the start, (forms, ``ADV_TOKENS``, D): the token-embedding
+    table's mean plus per-coordinate noise of its spread (the evaluation's attack starts from the mean)."""
+    table = table.detach().float().cpu()  # prepare() moves the buffers to the device
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(ADV_FORMS), ADV_TOKENS, table.shape[1], generator=g)
+    return table.mean(0) + table.std(0) * noise
+
+
+def attack_form(attacked: str, prompt: str, n_tokens: int, placement: str) -> str:
+    """The prompt an attack form reads: ``attacked`` (the concept's words as one placeholder) with ``n_tokens``
+    placeholders in their place, or ``prompt`` with them appended (the words kept)."""
+    tokens = " ".join([PLACEHOLDER] * n_tokens)
+    return attacked.replace(PLACEHOLDER, tokens) if placement == "replace" else f"{prompt} {tokens}"
+
+
 class EraseObjective(torch.nn.Module):
     """The trainable CLIPs (one per text encoder) and the whole objective in ``forward``.
 
@@ -169,10 +197,16 @@ class EraseObjective(torch.nn.Module):
     """
 
     def __init__(self, students: dict, towers: list[TextTower], weights: LossWeights, forget_loss: str,
-                 train_vision: bool = False):
+                 train_vision: bool = False, attack_steps: int = 0, seed: int = 0):
         super().__init__()
         self.students = torch.nn.ModuleDict(students)
         self.towers, self.weights, self.forget_loss, self.train_vision = towers, weights, forget_loss, train_vision
+        self.attack_steps = attack_steps
+        if weights.adversarial:  # the attack embeddings are state (buffers), so a checkpoint resumes them exactly
+            for tower in towers:
+                table = students[tower.name].text_model.embeddings.token_embedding.weight
+                self.register_buffer(f"attacks_{tower.name}", initial_attacks(table, seed))
+            self.register_buffer("attack_round", torch.zeros((), dtype=torch.long))
 
     def forward(self, batch: dict):
         total, terms = 0.0, {}
@@ -181,6 +215,8 @@ class EraseObjective(torch.nn.Module):
             total = total + loss
             prefix = "" if len(self.towers) == 1 else f"{tower.name}/"
             terms.update({prefix + k: v.detach() for k, v in parts.items()})
+        if self.weights.adversarial:
+            self.attack_round += 1
         return total, terms
 
     def image_side(self, student, tower: TextTower, which: str, idx: torch.Tensor) -> torch.Tensor:
@@ -217,6 +253,8 @@ class EraseObjective(torch.nn.Module):
             if getattr(w, name):
                 term = token_forgetting if name == "token_forget" else token_consistency
                 terms[name] = self.token_term(student, tower, term, batch[prompts], batch[idx], *tower.targets[targets])
+        if w.adversarial:
+            terms["adversarial"] = self.adversarial_term(student, tower, batch)
         return sum(getattr(w, name) * value for name, value in terms.items()), terms
 
     def token_term(self, student, tower: TextTower, term, prompts: list[str], idx: torch.Tensor, ref_states, ref_pooled):
@@ -234,6 +272,31 @@ class EraseObjective(torch.nn.Module):
         if tower.pooled:
             loss = loss + term(pooled, ref_pooled[idx])
         return loss
+
+
+    def adversarial_term(self, student, tower: TextTower, batch: dict) -> torch.Tensor:
+        """Adversarial CLIPErase (in the spirit of AdvUnlearn): the inner loop moves one attack (one form of
+        ``ADV_FORMS``, in turn) so that the student's states for the attacked forget prompts match the original's
+        states for the concept prompts (the evaluation's encoder objective, ``attacks.soft_prompt_attack``); the term
+        then sends those attacked prompts' states to the anchor prompts' original states, as ``token_forget`` does
+        for the words."""
+        idx = batch["pi"][:ADV_PROMPTS]
+        form = int(self.attack_round) % len(ADV_FORMS)
+        n_tokens, placement = ADV_FORMS[form]
+        prompts = [attack_form(a, p, n_tokens, placement) for a, p in
+                   zip(batch["attacked_prompts"][:ADV_PROMPTS], batch["forget_prompts"][:ADV_PROMPTS])]
+        pool = getattr(self, f"attacks_{tower.name}")
+        table = student.text_model.embeddings.token_embedding
+        v = pool[form, :n_tokens].clone().requires_grad_(True)
+        target = tower.targets["forget"][0][idx, : tower.fit]
+        for _ in range(self.attack_steps):
+            with learned_token(table, tower.attack_token, v):
+                states, _ = encode_read(student, tower.tokenizer, prompts, idx.device, tower.layer, length=tower.fit)
+            (grad,) = torch.autograd.grad(F.mse_loss(states, target), v)
+            v = (v - ADV_STEP * grad.sign()).detach().requires_grad_(True)
+        pool[form, :n_tokens] = v.detach()
+        with learned_token(table, tower.attack_token, v.detach()):
+            return self.token_term(student, tower, token_forgetting, prompts, idx, *tower.targets["anchor"])
 
 
 @torch.no_grad()

@@ -89,6 +89,10 @@ class CLIPEraseConfig:
     consistency_weight: float = _arg(3.0)
     token_forget_weight: float = _arg(1.0)
     token_consistency_weight: float = _arg(10.0)
+    adversarial_weight: float = _arg(
+        0.0, "adversarial CLIPErase: weight of the term that sends attack embeddings, learned against the model at "
+             "every step, to the anchor (0: off)")
+    adversarial_steps: int = _arg(4, "adversarial CLIPErase: inner attack steps per training step")
     # what trains
     rank: int = _arg(8, "LoRA rank (and the SVD rank for --full_finetune)")
     lora_alpha: int | None = _arg(None, "default: rank")
@@ -120,7 +124,7 @@ class CLIPEraseConfig:
 
     def __post_init__(self):
         if self.target == "clip":
-            self.token_forget_weight = self.token_consistency_weight = 0.0
+            self.token_forget_weight = self.token_consistency_weight = self.adversarial_weight = 0.0
             if self.forget_loss == "anchored":  # zero-shot must rank the erased caption below the others: the paper's
                 self.forget_loss = "dot"
             self.validation_steps = 0
@@ -141,7 +145,7 @@ class CLIPEraseConfig:
         """Cheap refusals, before any model loads, of settings that would crash late (ZeroDivisionError) or silently
         write a useless patch."""
         for name in ("train_batch_size", "max_train_steps", "checkpointing_steps", "gradient_accumulation_steps",
-                     "rank"):
+                     "rank", "adversarial_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         for name in ("validation_steps", "checkpoints_total_limit"):
@@ -149,6 +153,8 @@ class CLIPEraseConfig:
                 raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"--learning_rate must be a positive number, got {self.learning_rate}")
+        if not (math.isfinite(self.adversarial_weight) and self.adversarial_weight >= 0):
+            raise ValueError(f"--adversarial_weight must be 0 (off) or a positive number, got {self.adversarial_weight}")
         erased = [c.strip().lower() for c in spec.erase]
         for anchor in (spec.anchor.values() if isinstance(spec.anchor, dict) else [spec.anchor or ""]):
             if anchor.strip().lower() in erased:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .attacks import PLACEHOLDER
 from .concepts import ConceptSpec, miniworld_attribute
 from .miniworld import domain
 from .prompts import GENERIC_TEMPLATES
@@ -123,7 +124,8 @@ def from_pipeline(pipe, spec: ConceptSpec, n_per_prompt: int = 2, seed: int = 0,
 
 def prompt_sets(spec: ConceptSpec, miniworld: bool, seed: int = 0, n: int = 256) -> dict[str, list[str]]:
     """Text-only prompts for the token-level terms: ``forget`` (naming an erased concept, paraphrases included),
-    ``anchor`` (the same prompts with the concept replaced by the anchor) and ``retain`` (everything else)."""
+    ``anchor`` (the same prompts with the concept replaced by the anchor), ``attacked`` (with the concept replaced by
+    the placeholder an attack embedding takes: adversarial CLIPErase) and ``retain`` (everything else)."""
     rng = random.Random(seed)
     forget, anchor = [], []
     for _ in range(n):
@@ -143,7 +145,8 @@ def prompt_sets(spec: ConceptSpec, miniworld: bool, seed: int = 0, n: int = 256)
         keep = spec.keep or ["photo", "landscape", "person", "dog", "car", "house"]
         retain = [rng.choice(GENERIC_TEMPLATES).format(rng.choice(keep)) for _ in range(n)]
     retain[::4] = [""] * len(retain[::4])  # the empty prompt: classifier-free guidance reads it every step
-    return {"forget": forget, "anchor": anchor, "retain": retain}
+    return {"forget": forget, "anchor": anchor, "retain": retain,
+            "attacked": [attacked(text, spec) for text in forget]}
 
 
 def _miniworld_prompt(rng: random.Random, slot: str | None, word: str | None, spec: ConceptSpec) -> str:
@@ -169,3 +172,10 @@ def anchored(text: str, spec: ConceptSpec) -> str:
             text = re.sub(rf"\b{re.escape(word)}\b", spec.anchor_for(concept), text, flags=re.IGNORECASE)
     text = " ".join(text.split())
     return re.sub(r"\b([Aa])n? (?=(\w))", lambda m: m[1] + ("n " if m[2][0].lower() in "aeiou" else " "), text)
+
+
+def attacked(text: str, spec: ConceptSpec) -> str:
+    """``text`` with every erased word (paraphrases too, longest first) replaced by ``attacks.PLACEHOLDER``."""
+    for word in sorted(spec.all_erase_words(), key=len, reverse=True):
+        text = re.sub(rf"\b{re.escape(word)}\b", PLACEHOLDER, text, flags=re.IGNORECASE)
+    return text

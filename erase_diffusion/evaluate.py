@@ -21,7 +21,8 @@ What is measured (all generations judged by the independent judge CNN; "found" =
   `clip_score` metric"), and its processor would resize / normalise the 64×64 images the OpenAI way anyway;
 - robustness: attack success rate (ASR, share of attacked prompts whose generation the judge labels with the erased
   concept; the unattacked prompt's success counts too, as in UnlearnDiffAtk) for paraphrases (``domain.SYNONYMS``),
-  misspellings, a bounded discrete adversarial search and a soft-prompt (learned-token) attack — see ``attacks.py``.
+  misspellings, a bounded discrete adversarial search and the soft-prompt (learned-token) attack suite — see
+  ``attacks.py`` and ``robustness.py`` (its ``strongest``: any attack of the suite, per prompt).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from . import attacks
+from . import attacks, robustness
 from .concepts import ConceptSpec, miniworld_attribute
 from .measure import (PromptCase, classes, clip_score, empty_prompt_change, empty_prompt_states, eval_prompts,
                       found_mask, generate, held_out_dataset, image_embeddings, judge_fid_kid, related_classes,
@@ -47,9 +48,10 @@ from .stats import mcnemar, rate
 
 SIZES = {  # quick: CI / smoke; full: the README figures
     True: dict(named=8, para=4, retained=16, misspell=4, adv=2, adv_candidates=16, adv_positions=2, soft=4,
-               soft_train=8, soft_steps=40, real=128, steps=10, batch=16),
-    False: dict(named=16, para=16, retained=56, misspell=16, adv=8, adv_candidates=64, adv_positions=3, soft=16,
-                soft_train=16, soft_steps=150, real=512, steps=20, batch=32),
+               soft_steps=40, soft_restarts=1, real=128, steps=10, batch=16),
+    False: dict(named=16, para=16, retained=56, misspell=16, adv=8, adv_candidates=64, adv_positions=3, soft=64,
+                soft_steps=robustness.BUDGET["steps"], soft_restarts=robustness.BUDGET["restarts"], real=512,
+                steps=20, batch=32),
 }
 
 
@@ -102,10 +104,8 @@ def build_prompt_sets(spec: ConceptSpec, quick: bool, prompts: list[str] | None 
     typos = attacks.misspellings(word, n=max(1, size["misspell"] // 2), seed=0)
     misspelled = [(c, attacks.replace_word(c.prompt, word, typos[k % len(typos)]))
                   for k, c in enumerate(_subsample(worded, size["misspell"]))]
-    soft_train = [c.prompt for c in eval_prompts(per_pair=1, seed=7) if word in c.prompt.split()][: size["soft_train"]]
     return {"targets": targets, "word": word, "named": named, "paraphrase": para, "retained": retained,
-            "misspelled": misspelled, "adversarial": worded[: size["adv"]], "soft": worded[: size["soft"]],
-            "soft_train": soft_train or [c.prompt for c in worded]}
+            "misspelled": misspelled, "adversarial": worded[: size["adv"]]}
 
 
 # ------------------------------------------------------------------------------------------------ the harness
@@ -147,7 +147,7 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
     if attacks_on and sets["adversarial"]:
         attacks.check_attack(base_pipe, erased_pipe, [c.prompt for c in sets["adversarial"]], sets["word"],
                              n_candidates=size["adv_candidates"], positions=size["adv_positions"],
-                             steps=size["soft_steps"])
+                             steps=size["soft_steps"], restarts=size["soft_restarts"])
     judge = judge if judge is not None else load_judge()
     erased_clip = erased_clip if erased_clip is not None else clip
     gen = dict(steps=size["steps"], batch_size=size["batch"], progress=progress)
@@ -187,8 +187,8 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
            for name in ("paraphrase", "misspelled") if ("erased", name) in verdicts}
     rob["misspellings_used"] = sorted({p for _, p in sets["misspelled"]})
     if attacks_on and sets["adversarial"]:
-        rob.update(run_attacks(base_pipe, erased_pipe, sets, spec, judge, named_e["found_per_prompt"], size, seed,
-                               gen, images, progress))
+        rob.update(run_attacks(base_pipe, erased_pipe, sets, judge, named_e["found_per_prompt"], size, seed, gen,
+                               images, progress))
     m["robustness"] = rob
 
     # 6. Record and report.
@@ -313,10 +313,10 @@ def _attack_asr(found: list[bool], pre: list[bool]) -> dict:
             "pre_attack": sum(pre) / n, "n": n}
 
 
-def run_attacks(base_pipe, erased_pipe, sets: dict, spec: ConceptSpec, judge, named_found: list[bool], size: dict,
-                seed: int, gen: dict, images: dict, progress: bool) -> dict:
-    """The discrete adversarial search and the soft-prompt attack on the first named prompts; their generations
-    are added to ``images``. Each attacked prompt uses its named prompt's seed, so its pre-attack success is known."""
+def run_attacks(base_pipe, erased_pipe, sets: dict, judge, named_found: list[bool], size: dict, seed: int, gen: dict,
+                images: dict, progress: bool) -> dict:
+    """The discrete adversarial search on the first named prompts (each with its named prompt's seed, so its
+    pre-attack success is known) and the soft-prompt attack suite; their generations are added to ``images``."""
     word, targets = sets["word"], sets["targets"]
     named_index = {id(c): i for i, c in enumerate(sets["named"])}
     out = {}
@@ -338,22 +338,12 @@ def run_attacks(base_pipe, erased_pipe, sets: dict, spec: ConceptSpec, judge, na
                      "loss_after": r.loss_after, "found": f} for r, f in zip(res, found)],
         "seconds": time.perf_counter() - t0,
     }
-    t0 = time.perf_counter()
-    attribute = targets[0][0]
-    soft = attacks.soft_prompt_attack(base_pipe, erased_pipe, sets["soft_train"], word, steps=size["soft_steps"],
-                                      init_word=spec.anchor or ("shape" if attribute == "shape" else None),
-                                      seed=seed, progress=progress)
-    soft_cases = sets["soft"]
-    with attacks.learned_token(erased_pipe.text_encoder, soft.token_id, soft.vector):
-        soft_prompts = [attacks.replace_word(c.prompt, word, attacks.PLACEHOLDER) for c in soft_cases]
-        ims = generate(erased_pipe, soft_prompts, seed=seed, desc="soft prompt", **gen)
-    images[("erased", "soft")] = ims
-    found = found_mask(judge.label(ims), targets).tolist()
-    out["soft_prompt"] = {
-        **_attack_asr(found, [named_found[named_index[id(c)]] for c in soft_cases]),
-        "objective": soft.objective, "loss_before": soft.loss_before, "loss_after": soft.loss_after,
-        "train_prompts": len(sets["soft_train"]), "steps": size["soft_steps"], "seconds": time.perf_counter() - t0,
-    }
+    # the soft-prompt attacks: the whole suite, on its own prompts naming the concept (robustness.py)
+    budget = dict(steps=size["soft_steps"], lr=5e-2, restarts=size["soft_restarts"])
+    suite = robustness.attack_suite(base_pipe, erased_pipe, word, judge, n=size["soft"], budget=budget,
+                                    steps=gen["steps"], seed=seed, images=images, progress=progress)
+    out["soft_prompt"] = {"asr": suite["strongest"]["rate"], "asr_ci95": suite["strongest"]["ci95"],
+                          "n": suite["strongest"]["n"], "suite": suite}
     return out
 
 

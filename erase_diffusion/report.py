@@ -13,6 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from . import robustness
 from .atomic import write_atomic, write_json
 from .measure import grid_array
 
@@ -72,7 +73,7 @@ def render_html(m: dict, images: dict) -> str:
             if (tag, name) in images:
                 parts.append(f"<h3>{tag}: {name}</h3><img alt='{tag} {name}' "
                              f"src='data:image/png;base64,{_png_b64(images[(tag, name)][:16])}'>")
-    for name in ("adversarial", "soft"):
+    for name in ("adversarial", *robustness.SUITE):
         if ("erased", name) in images:
             parts.append(f"<h3>erased: {name} attack</h3><img alt='{name}' "
                          f"src='data:image/png;base64,{_png_b64(images[('erased', name)][:16])}'>")

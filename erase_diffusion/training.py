@@ -27,12 +27,13 @@ from transformers import CLIPImageProcessor
 
 from . import data as pair_data
 from .anchors import with_default_anchor
+from .attacks import placeholder_id
 from .atomic import write_json
 from .checkpoints import (
     PATCH_NAME, check_output_dir, checkpoint_step, prepare_output_dir, register_trainable_state, restore_data_order,
     resume_checkpoint, save_checkpoint,
 )
-from .cliperase import EraseObjective, LossWeights, TextTower, original, original_outputs
+from .cliperase import ADV_TOKENS, EraseObjective, LossWeights, TextTower, original, original_outputs
 from .concepts import ConceptSpec
 from .config import CLIPEraseConfig, ConceptArguments, parse_args
 from .measure import image_embeddings, miniworld_metrics
@@ -110,7 +111,8 @@ def train(spec: ConceptSpec, config: CLIPEraseConfig, accelerator: Accelerator |
         pipe = None  # only the validation grids need it from here on
 
     # 4. Objective and optimizer through Accelerate; a resumed run continues from its checkpoint's state.
-    model = EraseObjective(students, towers, LossWeights.of(config), config.forget_loss, config.train_vision_tower)
+    model = EraseObjective(students, towers, LossWeights.of(config), config.forget_loss, config.train_vision_tower,
+                           config.adversarial_steps, config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay)
@@ -187,8 +189,13 @@ def precompute_targets(tower: TextTower, student, spec: ConceptSpec, forget, ret
         anchored = original_outputs(ref, tower, [pair_data.anchored(c, spec) for c in forget.captions], device,
                                     pooled_only=True)
         tower.forget_floor = F.cosine_similarity(anchored, tower.forget_img, dim=-1)
-        tower.targets = {k: original_outputs(ref, tower, prompts[k], device) for k in ("anchor", "retain")}
+        sets = ("anchor", "retain") + (("forget",) if config.adversarial_weight else ())
+        tower.targets = {k: original_outputs(ref, tower, prompts[k], device) for k in sets}
+    if config.adversarial_weight:
+        tower.attack_token = placeholder_id(tower.tokenizer)
     longest = max(len(ids) for ids in tower.tokenizer(prompts["forget"] + prompts["retain"]).input_ids)
+    if config.adversarial_weight:  # attacked prompts carry up to ADV_TOKENS placeholders, the concept word kept
+        longest += ADV_TOKENS
     tower.fit = min(tower.tokenizer.model_max_length, longest + 1)
     if config.train_vision_tower:
         tower.forget_pixels, tower.retain_pixels = f_pix, r_pix
@@ -204,6 +211,7 @@ def draw_batch(g: torch.Generator, forget, retain, prompts: dict, n: int, device
         "fi": fi.to(device), "forget_captions": [forget.captions[i] for i in fi],
         "ri": ri.to(device), "retain_captions": [retain.captions[i] for i in ri],
         "forget_prompts": [prompts["forget"][i] for i in pi], "pi": pi.to(device),
+        "attacked_prompts": [prompts["attacked"][i] for i in pi],
         "retain_prompts": [prompts["retain"][i] for i in qi], "qi": qi.to(device),
     }
 

@@ -109,6 +109,32 @@ def test_soft_prompt_attack_reduces_its_objective():
     assert res_u.objective == "unet"
 
 
+def test_soft_prompt_attack_with_several_tokens_placements_and_restarts():
+    base, erased = sd_pipeline(), sd_pipeline()
+    with torch.no_grad():
+        erased.text_encoder.encoder.layers[-1].mlp.fc2.weight.mul_(0.3)
+    prompts = ["a red circle", "a solid blue circle"]
+    assert attacks.attacked_prompt("a red circle", "circle", 2) == "a red ~ ~"
+    assert attacks.attacked_prompt("a red circle", "circle", 1, "prefix") == "~ a red circle"
+    assert attacks.attacked_prompt("a red circle", "circle", 2, "suffix") == "a red circle ~ ~"
+    one = attacks.soft_prompt_attack(base, erased, prompts, "circle", steps=3, restarts=1, progress=False)
+    res = attacks.soft_prompt_attack(base, erased, prompts, "circle", steps=3, n_tokens=3, placement="suffix",
+                                     restarts=3, progress=False)
+    assert res.vector.shape == (3, one.vector.shape[-1]) and res.prompts(["a red circle"], "circle") == \
+        ["a red circle ~ ~ ~"]
+    # the i-th occurrence of the placeholder takes row i: three rows give three different states
+    ids = attacks.tokenize(erased.tokenizer, ["~ ~ ~"])
+    vectors = torch.randn(3, one.vector.shape[-1])
+    with torch.no_grad(), attacks.learned_token(erased.text_encoder.get_input_embeddings(), res.token_id, vectors):
+        embedded = erased.text_encoder.get_input_embeddings()(ids)[0, 1:4]
+    torch.testing.assert_close(embedded, vectors)
+    with pytest.raises(ValueError, match="placement"):
+        attacks.soft_prompt_attack(base, erased, prompts, "circle", steps=2, placement="middle", progress=False)
+    for budget in ({"n_tokens": 0}, {"restarts": 0}, {"restarts": 10**4}):
+        with pytest.raises(ValueError, match="attack budget"):
+            attacks.soft_prompt_attack(base, erased, prompts, "circle", steps=2, progress=False, **budget)
+
+
 def test_adversarial_search_never_worsens():
     base, erased = sd_pipeline(), sd_pipeline()
     with torch.no_grad():
@@ -149,7 +175,9 @@ def test_evaluate_patch_end_to_end(tmp_path):
     m = ev.evaluate(str(tmp_path / "sd"), patch, miniworld_spec(["circle"]), quick=True, steps=1,
                     output_dir=tmp_path / "out", progress=False)
     assert m["patch_bytes"] == patch.stat().st_size and m["method"] == "test"
-    assert m["robustness"]["soft_prompt"]["objective"] == "encoder"
+    suite = m["robustness"]["soft_prompt"]["suite"]
+    assert suite["encoder"]["objective"] == "encoder" and suite["end_to_end"]["objective"] == "unet"
+    assert m["robustness"]["soft_prompt"]["asr"] == suite["strongest"]["rate"] >= suite["encoder"]["rate"]
     assert (tmp_path / "out" / "report.html").is_file()
 
 

@@ -68,6 +68,9 @@ def test_token_terms():
         (["--erase_concept", "teapot"], "not in the miniature world's vocabulary"),
         (["--erase_concept", "circle", "--generate_data"], "and concepts to keep"),
         (["--erase_concept", "circle", "--train_vision_tower"], "use it with --target clip"),
+        (["--erase_concept", "circle", "--adversarial_weight", "-1"], "adversarial_weight must be 0"),
+        (["--erase_concept", "circle", "--adversarial_weight", "1", "--adversarial_steps", "0"],
+         "adversarial_steps must be at least 1"),
     ],
 )
 def test_bad_input_refused_before_loading(tmp_path, argv, message):
@@ -297,6 +300,25 @@ def test_ddp_replicas_stay_in_sync(tmp_path):
 def test_several_concepts_in_one_run(tmp_path):
     main(["--erase_concept", "circle", "square", "--target", "clip", "--output_dir", str(tmp_path), *FAST])
     assert load_patch(tmp_path / "erase_patch.safetensors").metadata["erased"] == ["circle", "square"]
+
+
+def test_adversarial_training_attacks_the_student_and_resumes_its_attacks(tmp_path):
+    """Adversarial CLIPErase: the attack embeddings move during training (the inner loop runs against the student),
+    they are checkpointed with the LoRA, and the result is one LoRA patch in the usual format."""
+    from safetensors.torch import load_file
+
+    from erase_diffusion.models import load_clip
+
+    adv = ["--adversarial_weight", "1", "--adversarial_steps", "2", "--checkpointing_steps", "2"]
+    metrics = main(["--erase_concept", "circle", "--output_dir", str(tmp_path), *FAST, *adv])
+    assert metrics["terms"]["adversarial"] > 0
+    state = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
+    attacks_now = state["attacks_text_encoder"]
+    clip, _ = load_clip("miniworld")
+    start = cliperase.initial_attacks(clip.text_model.embeddings.token_embedding.weight, 0)
+    assert attacks_now.shape == start.shape and not torch.allclose(attacks_now, start)
+    patch = load_patch(tmp_path / "erase_patch.safetensors")
+    assert patch.metadata["method"] == "cliperase" and set(patch.layers) == {"text_encoder"}
 
 
 def test_nan_loss_stops_the_run_without_a_patch(tmp_path):

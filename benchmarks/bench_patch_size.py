@@ -1,7 +1,8 @@
 """Patch size versus delivering a whole text encoder, and fingerprint speed, on a CLIP-L-sized text encoder.
 
 Random weights with the real CLIP-L config (hidden 768, 12 layers, 12 heads, MLP 3072, vocab 49408); a rank-8 patch
-on q/k/v/out of every layer. Prints a table and writes benchmarks/results/patch_size.json.
+on q/k/v/out of every layer, and one on what CLIPErase trains (``training.TEXT_TARGETS``: q/k/v/out, fc1 and fc2 of
+every layer; adversarial CLIPErase writes the same). Prints a table and writes benchmarks/results/patch_size.json.
 
     python benchmarks/bench_patch_size.py [--rank 8]
 """
@@ -9,6 +10,8 @@ on q/k/v/out of every layer. Prints a table and writes benchmarks/results/patch_
 from __future__ import annotations
 
 import argparse
+import itertools
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +21,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from _record import write_json  # adds the "meta" block (commit, command, started, finished)
 from erase_diffusion.patch import fingerprint, write_patch
+from erase_diffusion.training import TEXT_TARGETS
 from erase_diffusion.patch_format import LoraFactors
 from erase_diffusion.patch_reader import describe_patch, load_patch
 
@@ -38,13 +42,14 @@ def main() -> None:
                          vocab_size=49408, max_position_embeddings=77, projection_dim=768)
     te = CLIPTextModel(cfg).eval()
     encoder_params = sum(p.numel() for p in te.parameters())
-    core = getattr(te, "text_model", te)
+    wrapped = torch.nn.Module()  # TEXT_TARGETS names modules under a CLIPModel's text_model
+    wrapped.text_model = getattr(te, "text_model", te)
     layers = {}
-    for i, layer in enumerate(core.encoder.layers):
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            lin = getattr(layer.self_attn, proj)
-            layers[f"text_model.encoder.layers.{i}.self_attn.{proj}"] = LoraFactors(
-                A=torch.randn(args.rank, lin.in_features) * 0.01, B=torch.randn(lin.out_features, args.rank) * 0.01)
+    for name, lin in wrapped.named_modules():
+        if isinstance(lin, torch.nn.Linear) and re.fullmatch(TEXT_TARGETS, name):
+            layers[name] = LoraFactors(A=torch.randn(args.rank, lin.in_features) * 0.01,
+                                       B=torch.randn(lin.out_features, args.rank) * 0.01)
+    attention = {m: f for m, f in layers.items() if ".self_attn." in m}
 
     fingerprint(te)  # warm-up
     times = []
@@ -55,9 +60,10 @@ def main() -> None:
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in (torch.float32, torch.float16):
-            lay = {m: LoraFactors(f.A.to(dtype), f.B.to(dtype)) for m, f in layers.items()}
-            path = Path(tmp) / f"patch_{str(dtype).split('.')[-1]}.safetensors"
+        for (kind, chosen), dtype in itertools.product((("", attention), ("cliperase_", layers)),
+                                                       (torch.float32, torch.float16)):
+            lay = {m: LoraFactors(f.A.to(dtype), f.B.to(dtype)) for m, f in chosen.items()}
+            path = Path(tmp) / f"patch_{kind}{str(dtype).split('.')[-1]}.safetensors"
             t0 = time.perf_counter()
             write_patch(path, {"text_encoder": lay}, method="benchmark", settings={"rank": args.rank}, erased=["x"],
                         protected=[], base_model="clip-l-sized-random", fingerprints={"text_encoder": fp})
@@ -66,21 +72,24 @@ def main() -> None:
             load_patch(path)
             t_load = time.perf_counter() - t0
             d = describe_patch(path)
-            rows[str(dtype).split(".")[-1]] = {
+            rows[kind + str(dtype).split(".")[-1]] = {
                 "parameters": d["parameters"], "bytes": d["size_bytes"],
                 "fraction_of_full_encoder": d["size_bytes"] / FULL_ENCODER_BYTES,
                 "times_smaller": FULL_ENCODER_BYTES / d["size_bytes"], "save_s": t_save, "load_validate_s": t_load,
             }
     result = {
         "config": {"hidden": 768, "layers": 12, "heads": 12, "intermediate": 3072, "vocab": 49408,
-                   "rank": args.rank, "targets": "q/k/v/out_proj, all 12 layers", "modules": len(layers)},
+                   "rank": args.rank, "targets": "q/k/v/out_proj, all 12 layers", "modules": len(attention)},
         "text_encoder_parameters": encoder_params,
         "full_encoder_bytes_reference": FULL_ENCODER_BYTES,
-        "patch": rows,
+        "patch": {k: v for k, v in rows.items() if not k.startswith("cliperase_")},
+        "patch_cliperase": {k.removeprefix("cliperase_"): v for k, v in rows.items() if k.startswith("cliperase_")},
+        "cliperase_targets": "q/k/v/out_proj, fc1, fc2, all 12 layers", "cliperase_modules": len(layers),
         "fingerprint": {"value": fp, "seconds_best_of_3": min(times), "seconds_all": times},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    print(f"CLIP-L-sized text encoder: {encoder_params:,} parameters; rank-{args.rank} patch on {len(layers)} modules")
+    print(f"CLIP-L-sized text encoder: {encoder_params:,} parameters; rank-{args.rank} patches on {len(attention)} "
+          f"(attention) and {len(layers)} (CLIPErase's targets) modules")
     print(f"{'dtype':<8} {'params':>10} {'bytes':>12} {'MiB':>6} {'vs 0.46 GiB':>11} {'smaller':>9} {'save s':>7} "
           f"{'load s':>7}")
     for k, r in rows.items():

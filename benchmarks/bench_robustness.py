@@ -75,6 +75,19 @@ def row_text(r: dict) -> str:
             f"{r['fid']:.2f} | {attacks} | {r['erase_seconds']:.0f} | {r['artifact_bytes'] / 1e3:.0f} |")
 
 
+HEADER = (f"| concept | method | found, named | found, paraphrase | retained shapes % | colour kept % | judge FID | "
+          f"{' | '.join(f'{a} ASR' for a in [*robustness.SUITE, 'strongest'])} | erase s | artifact KB |\n"
+          + "|---" * (11 + len(robustness.SUITE)) + "|")
+
+
+def print_table(path: Path) -> None:
+    """The README table from the committed results, rows in METHODS order."""
+    rows = json.loads(path.read_text())["rows"]
+    print(HEADER)
+    for r in sorted(rows, key=lambda r: (r["concept"] != "circle", r["concept"], METHODS.index(r["method"]))):
+        print(row_text(r))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concepts", nargs="+", default=["circle", "star"])
@@ -84,7 +97,10 @@ def main():
     p.add_argument("--double_budget", action="store_true", help="also run the suite at twice the steps and restarts")
     p.add_argument("--merge", action="store_true", help="keep the output's rows not re-run (re-read at every write)")
     p.add_argument("--output", default=str(RESULTS / "robustness.json"))
+    p.add_argument("--table", action="store_true", help="only print the README table from --output")
     args = p.parse_args()
+    if args.table:
+        return print_table(Path(args.output))
     for c in args.concepts:  # every name is checked before any model loads
         miniworld_spec([c])
 
@@ -101,9 +117,7 @@ def main():
                                        "budget": robustness.BUDGET, "adversarial": ADVERSARIAL,
                                        "rows": kept + rows}, merged_from=old)
 
-    header = " | ".join([*robustness.SUITE, "strongest"])
-    print(f"| concept | method | found named | found paraphrase | retained shapes % | colour kept % | judge FID | "
-          f"{header} | erase s | artifact KB |")
+    print(HEADER)
     for concept in args.concepts:
         spec = miniworld_spec([concept])
         card = scorecard.Scorecard(base, judge, spec, n=args.n, n_retained=2 * args.n, steps=args.steps)

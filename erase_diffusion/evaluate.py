@@ -35,7 +35,7 @@ import torch
 
 from . import attacks, robustness
 from .concepts import ConceptSpec, miniworld_attribute
-from .measure import (PromptCase, classes, clip_score, empty_prompt_change, empty_prompt_states, eval_prompts,
+from .measure import (PromptCase, classes, clip_score, concept_cases, empty_prompt_change, empty_prompt_states,
                       found_mask, generate, held_out_dataset, image_embeddings, judge_fid_kid, related_classes,
                       retrieval_recall, text_embeddings, zero_shot_split)
 from .miniworld import domain
@@ -46,12 +46,12 @@ from .pipelines.loading import check_patch, load_patches
 from .report import write_outputs
 from .stats import mcnemar, rate
 
-SIZES = {  # quick: CI / smoke; full: the README figures
-    True: dict(named=8, para=4, retained=16, misspell=4, adv=2, adv_candidates=16, adv_positions=2, soft=4,
-               soft_steps=40, soft_restarts=1, real=128, steps=10, batch=16),
-    False: dict(named=16, para=16, retained=56, misspell=16, adv=8, adv_candidates=64, adv_positions=3, soft=64,
+SIZES = {  # quick: CI / smoke; full: the README figures. named / paraphrase / heldout / retained: prompts per set
+    True: dict(named=64, retained=64, misspell=8, adv=2, adv_candidates=16, adv_positions=2, soft=4, soft_steps=40,
+               soft_restarts=1, real=128, steps=10, batch=64),
+    False: dict(named=128, retained=128, misspell=16, adv=8, adv_candidates=64, adv_positions=3, soft=64,
                 soft_steps=robustness.BUDGET["steps"], soft_restarts=robustness.BUDGET["restarts"], real=512,
-                steps=20, batch=32),
+                steps=20, batch=64),
 }
 
 
@@ -67,16 +67,13 @@ def validate_spec(spec: ConceptSpec) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------------ prompt sets
-def _subsample(cases: list, n: int) -> list:
-    if len(cases) <= n:
-        return list(cases)
-    step = len(cases) / n
-    return [cases[int(i * step)] for i in range(n)]
-
-
 def build_prompt_sets(spec: ConceptSpec, quick: bool, prompts: list[str] | None = None) -> dict:
+    """The evaluation's prompt sets, from the one builder (``measure.concept_cases``): ``named`` (or the caller's
+    ``prompts``), ``paraphrase``, ``heldout`` (phrasings no eraser fits on), ``retained``; the misspelled and
+    attacked prompts edit the word the concept is named by in the named prompts."""
     targets = validate_spec(spec)
     size = SIZES[bool(quick)]
+    cases = concept_cases(spec, n=size["named"], n_retained=size["retained"], seed=1)
     if prompts is not None:
         if not [p for p in prompts if p and p.strip()]:
             raise ValueError("the prompt set is empty: pass at least one prompt naming the erased concept")
@@ -84,27 +81,15 @@ def build_prompt_sets(spec: ConceptSpec, quick: bool, prompts: list[str] | None 
         named = [PromptCase(p, value if attribute == "shape" else "", value if attribute == "colour" else "",
                             value if attribute == "style" else None, value) for p in prompts if p.strip()]
     else:
-        named = []
-        for attribute, value in targets:
-            named += [c for c in eval_prompts(per_pair=2, seed=1) if getattr(c, attribute) == value]
-        named = _subsample(named, size["named"])
-    if not named:
-        raise ValueError(f"the prompt set is empty: no evaluation prompt names {', '.join(spec.erase)}")
-    para = []
-    for attribute, value in targets:
-        if attribute == "shape" and domain.SYNONYMS.get(value):
-            para += eval_prompts(shapes=(value,), per_pair=2, seed=1, paraphrase=True)
-    para = _subsample(para, size["para"])
-    retained = [c for c in eval_prompts(per_pair=1, seed=2) if not spec.mentions_erased(c.prompt)
-                and all(getattr(c, a) != v for a, v in targets)]
-    retained = _subsample(retained, size["retained"])
-    # attacks edit the word the concept is named by in the first prompts of ``named``
+        named = [c for concept in spec.erase for c in cases["named"][concept]]
     word = spec.erase[0]
     worded = [c for c in named if attacks.contains_word(c.prompt, word)]
     typos = attacks.misspellings(word, n=max(1, size["misspell"] // 2), seed=0)
     misspelled = [(c, attacks.replace_word(c.prompt, word, typos[k % len(typos)]))
-                  for k, c in enumerate(_subsample(worded, size["misspell"]))]
-    return {"targets": targets, "word": word, "named": named, "paraphrase": para, "retained": retained,
+                  for k, c in enumerate(worded[: size["misspell"]])]
+    return {"targets": targets, "word": word, "named": named,
+            "paraphrase": [c for cs in cases["paraphrase"].values() for c in cs],
+            "heldout": [c for cs in cases["heldout"].values() for c in cs], "retained": cases["retained"],
             "misspelled": misspelled, "adversarial": worded[: size["adv"]]}
 
 
@@ -171,6 +156,11 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
                        "found_named_base_ci95": rate(named_b["found_per_prompt"])["ci95"],
                        "found_named_erased_ci95": rate(named_e["found_per_prompt"])["ci95"],
                        "paired": mcnemar(named_b["found_per_prompt"], named_e["found_per_prompt"])}
+    if ("erased", "heldout") in verdicts:  # phrasings no eraser fits on, reported apart from the named set
+        held_b, held_e = verdicts[("base", "heldout")], verdicts[("erased", "heldout")]
+        m["forgetting"]["heldout"] = {"found_base": rate(held_b["found_per_prompt"]),
+                                      "found_erased": rate(held_e["found_per_prompt"]),
+                                      "paired": mcnemar(held_b["found_per_prompt"], held_e["found_per_prompt"])}
     m["side_effects"] = side_effects(verdicts, sets, spec, clip, base_pipe)
     m["side_effects"]["empty_prompt_change"] = empty_prompt_change(empty_prompt_states(base_pipe),
                                                                    empty_prompt_states(erased_pipe))
@@ -196,8 +186,8 @@ def evaluate_pipelines(base_pipe, erased_pipe, spec: ConceptSpec, *, quick: bool
     m["seconds"] = timings
     if extra:
         m.update(extra)
-    m["prompt_sets"] = {"named": [c.prompt for c in sets["named"]], "paraphrase": [c.prompt for c in sets["paraphrase"]],
-                        "misspelled": [p for _, p in sets["misspelled"]], "n_retained": len(sets["retained"])}
+    m["prompt_sets"] = {name: [c.prompt for c in sets[name]] for name in ("named", "paraphrase", "heldout", "retained")}
+    m["prompt_sets"]["misspelled"] = [p for _, p in sets["misspelled"]]
     if output_dir is not None:
         write_outputs(m, images, output_dir)
     return m
@@ -227,9 +217,10 @@ def generate_and_judge(base_pipe, erased_pipe, sets: dict, judge, seed: int, gen
     """Generations of the named / paraphrase / retained / misspelled sets by both pipelines with shared seeds, and
     their judged verdicts: ({(tag, set): images}, {(tag, set): verdict}). Base generations come from ``cache`` when
     it holds them."""
-    prompts = {"named": [c.prompt for c in sets["named"]], "paraphrase": [c.prompt for c in sets["paraphrase"]],
-               "retained": [c.prompt for c in sets["retained"]], "misspelled": [p for _, p in sets["misspelled"]]}
-    seeds = {"named": seed, "paraphrase": seed + 1000, "retained": seed + 2000, "misspelled": seed}
+    prompts = {name: [c.prompt for c in sets[name]] for name in ("named", "paraphrase", "heldout", "retained")}
+    prompts["misspelled"] = [p for _, p in sets["misspelled"]]
+    seeds = {"named": seed, "paraphrase": seed + 1000, "retained": seed + 2000, "heldout": seed + 3000,
+             "misspelled": seed}
     images, verdicts = {}, {}
     for tag, pipe in (("base", base_pipe), ("erased", erased_pipe)):
         for name, plist in prompts.items():

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import attacks
 from .atomic import atomic_path
-from .concepts import miniworld_attribute
+from .concepts import ConceptSpec, miniworld_attribute
 from .miniworld import domain
 from .models import load_clip, load_judge, load_pipeline
 from .patch import apply_to_clip
@@ -124,6 +124,74 @@ def eval_prompts(shapes=domain.SHAPES, per_pair: int = 4, seed: int = 0, paraphr
                 text = domain.with_articles(template.format(style=style, colour=c, shape=word))
                 cases.append(PromptCase(text, s, c, style if "{style}" in template else None, word))
     return cases
+
+
+# phrasings that neither eraser sees while fitting (they use domain.TEMPLATES)
+HELD_OUT_TEMPLATES = (
+    "{shape}",
+    "{colour}, {shape}, {style}",
+    "the {shape} is {colour}",
+    "a {shape} that is {colour}",
+    "{COLOUR} {SHAPE}",
+    "a {colour} {shape} and a {colour2} {shape2}",
+)
+
+
+def _case(rng: random.Random, template: str, shape: str, colour: str, style: str, word: str,
+          erased: set[str]) -> PromptCase:
+    # a second, retained object for the two-object templates (with 7 of 8 shapes erased it may repeat the first)
+    others = [s for s in domain.SHAPES if s != shape and s not in erased] or [s for s in domain.SHAPES
+                                                                              if s not in erased] or [shape]
+    shape2 = rng.choice(others)
+    colour2 = rng.choice([c for c in domain.COLOURS if c not in erased] or [colour])
+    text = template.format(shape=word, colour=colour, style=style, SHAPE=word.upper(), COLOUR=colour.upper(),
+                           shape2=shape2, colour2=colour2)
+    named_style = style if "{style}" in template else None
+    # the bare-word template names no colour: the colour is then not a prompted attribute
+    named_colour = colour if ("{colour}" in template or "{COLOUR}" in template) else ""
+    return PromptCase(domain.with_articles(text), shape, named_colour, named_style, word)
+
+
+def concept_cases(spec: ConceptSpec, n: int = 64, n_retained: int = 128, seed: int = 0) -> dict:
+    """The one prompt-set builder of every figure (training's final metrics, ``erase-diffusion evaluate``, the
+    scorecard, the attack suite): {"named" | "paraphrase" | "heldout": {concept: n [PromptCase]}, "retained":
+    n_retained [PromptCase]}. ``named`` and ``paraphrase`` use the caption templates erasers may fit on
+    (``domain.TEMPLATES``), ``heldout`` the phrasings no eraser fits on (``HELD_OUT_TEMPLATES``), ``retained`` names
+    no erased class."""
+    rng = random.Random(seed)
+    erased = set(spec.erase)
+    kinds = {c: miniworld_attribute(c)[0] for c in spec.erase}
+    sets = {"named": {}, "paraphrase": {}, "heldout": {}}
+
+    def draw(attribute, value, templates, words):
+        out = []
+        for i in range(n):
+            parts = {"shape": rng.choice([s for s in domain.SHAPES if s not in erased] or domain.SHAPES),
+                     "colour": rng.choice([c for c in domain.COLOURS if c not in erased] or list(domain.COLOURS)),
+                     "style": rng.choice([s for s in domain.STYLES if s not in erased] or domain.STYLES)}
+            parts[attribute] = value
+            word = words[i % len(words)] if attribute == "shape" else parts["shape"]
+            template = templates[i % len(templates)]
+            if attribute == "style" and "{style}" not in template:
+                template = "a {style} {colour} {shape}" if templates is domain.TEMPLATES else "{colour}, {shape}, {style}"
+            if attribute == "colour" and "{colour}" not in template and "{COLOUR}" not in template:
+                template = "a {colour} {shape}" if templates is domain.TEMPLATES else "the {shape} is {colour}"
+            out.append(_case(rng, template, parts["shape"], parts["colour"], parts["style"], word, erased))
+        return out
+
+    for concept, attribute in kinds.items():
+        sets["named"][concept] = draw(attribute, concept, domain.TEMPLATES, [concept])
+        sets["heldout"][concept] = draw(attribute, concept, HELD_OUT_TEMPLATES, [concept])
+        if attribute == "shape" and domain.SYNONYMS.get(concept):
+            sets["paraphrase"][concept] = draw(attribute, concept, domain.TEMPLATES, list(domain.SYNONYMS[concept]))
+    retained = []
+    while len(retained) < n_retained:
+        s, c, st = rng.choice(domain.SHAPES), rng.choice(list(domain.COLOURS)), rng.choice(domain.STYLES)
+        if erased & {s, c, st}:
+            continue
+        retained.append(_case(rng, rng.choice(domain.TEMPLATES), s, c, st, s, erased))
+    sets["retained"] = retained
+    return sets
 
 
 @torch.no_grad()
@@ -284,20 +352,12 @@ def empty_prompt_change(before: torch.Tensor, after: torch.Tensor) -> dict:
 
 
 
-def erased_cases(spec, per_pair: int = 2, seed: int = 1) -> tuple[list[PromptCase], list[PromptCase]]:
-    """Prompts naming an erased miniworld concept: (by its own name, by a paraphrase — shapes only)."""
-    named, para = [], []
-    for concept in spec.erase:
-        attribute, value = miniworld_attribute(concept)
-        named += [c for c in eval_prompts(per_pair=per_pair, seed=seed) if getattr(c, attribute) == value]
-        if attribute == "shape":
-            para += eval_prompts(shapes=(value,), per_pair=per_pair, seed=seed, paraphrase=True)
-    return named, para
-
-
 @torch.no_grad()
-def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 20, seed: int = 0) -> dict:
-    """Forget / retain figures of a patch on the miniature world: CLIP zero-shot and judged generations.
+def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 20, seed: int = 0, n: int = 16,
+                      n_retained: int = 56) -> dict:
+    """Forget / retain figures of a patch on the miniature world: CLIP zero-shot and judged generations of
+    ``concept_cases``' sets (``n`` prompts per erased concept named, paraphrased and in held-out phrasings,
+    ``n_retained`` retained prompts).
 
     ``found_*``: share of generations in which the judge sees the erased attribute value (lower is better).
     ``retained_*``: judged accuracy on prompts that name no erased concept, base vs patched.
@@ -314,10 +374,9 @@ def miniworld_metrics(patch_path, spec, generations: bool = True, steps: int = 2
         return out
 
     pipe, judge = load_pipeline("miniworld"), load_judge("miniworld")
-    named, para = erased_cases(spec)
-    retained = [c for c in eval_prompts(per_pair=1, seed=2) if not spec.mentions_erased(c.prompt)
-                and all(getattr(c, miniworld_attribute(e)[0]) != e for e in spec.erase)]
-    sets = {"named": named, "paraphrase": para, "retained": retained}
+    cases = concept_cases(spec, n=n, n_retained=n_retained, seed=1)
+    sets = {name: [c for cs in cases[name].values() for c in cs] for name in ("named", "paraphrase", "heldout")}
+    sets["retained"] = cases["retained"]
     empty = empty_prompt_states(pipe)
     for patched in (False, True):
         if patched:

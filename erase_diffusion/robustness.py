@@ -25,8 +25,7 @@ import torch
 
 from . import attacks
 from .concepts import ConceptSpec, miniworld_attribute
-from .measure import eval_prompts, found_mask, generate
-from .scorecard import concept_cases
+from .measure import concept_cases, eval_prompts, found_mask, generate
 from .stats import rate
 
 SUITE = {

@@ -1,7 +1,8 @@
 """Per-concept scorecard on the miniature world: is the concept gone (named, paraphrased, held-out phrasings), and
 does everything else look the same? Every rate carries its n and a Wilson 95 % interval.
 
-Prompt sets (per-prompt seeds shared by base and patched, so the difference is the patch's):
+Prompt sets (``measure.concept_cases``; per-prompt seeds shared by base and patched, so the difference is the
+patch's):
 
 - ``named``: the domain's caption templates (the ones erasers may fit on) naming the concept;
 - ``paraphrase``: the same templates naming a shape by a paraphrase (shapes only);
@@ -15,79 +16,13 @@ attributes on prompts naming the erased concept, relative to base (erasing a sha
 
 from __future__ import annotations
 
-import random
-
 import torch
 
 from .concepts import ConceptSpec, miniworld_attribute
-from .measure import PromptCase, classes, generate
-from .miniworld import domain
+from .measure import PromptCase, classes, concept_cases, generate
 from .stats import mcnemar, rate
 
-# phrasings that neither eraser sees while fitting (they use domain.TEMPLATES)
-HELD_OUT_TEMPLATES = (
-    "{shape}",
-    "{colour}, {shape}, {style}",
-    "the {shape} is {colour}",
-    "a {shape} that is {colour}",
-    "{COLOUR} {SHAPE}",
-    "a {colour} {shape} and a {colour2} {shape2}",
-)
 ATTRIBUTES = ("shape", "colour", "style")
-
-
-def _case(rng: random.Random, template: str, shape: str, colour: str, style: str, word: str,
-          erased: set[str]) -> PromptCase:
-    # a second, retained object for the two-object templates (with 7 of 8 shapes erased it may repeat the first)
-    others = [s for s in domain.SHAPES if s != shape and s not in erased] or [s for s in domain.SHAPES
-                                                                              if s not in erased] or [shape]
-    shape2 = rng.choice(others)
-    colour2 = rng.choice([c for c in domain.COLOURS if c not in erased] or [colour])
-    text = template.format(shape=word, colour=colour, style=style, SHAPE=word.upper(), COLOUR=colour.upper(),
-                           shape2=shape2, colour2=colour2)
-    named_style = style if "{style}" in template else None
-    # the bare-word template names no colour: the colour is then not a prompted attribute
-    named_colour = colour if ("{colour}" in template or "{COLOUR}" in template) else ""
-    return PromptCase(domain.with_articles(text), shape, named_colour, named_style, word)
-
-
-def concept_cases(spec: ConceptSpec, n: int = 64, n_retained: int = 128, seed: int = 0) -> dict:
-    """{"named" | "paraphrase" | "heldout": {concept: [PromptCase]}, "retained": [PromptCase]}."""
-    rng = random.Random(seed)
-    erased = set(spec.erase)
-    kinds = {c: miniworld_attribute(c)[0] for c in spec.erase}
-    sets = {"named": {}, "paraphrase": {}, "heldout": {}}
-
-    def draw(attribute, value, templates, words):
-        out = []
-        for i in range(n):
-            parts = {"shape": rng.choice([s for s in domain.SHAPES if s not in erased] or domain.SHAPES),
-                     "colour": rng.choice([c for c in domain.COLOURS if c not in erased] or list(domain.COLOURS)),
-                     "style": rng.choice([s for s in domain.STYLES if s not in erased] or domain.STYLES)}
-            parts[attribute] = value
-            word = words[i % len(words)] if attribute == "shape" else parts["shape"]
-            template = templates[i % len(templates)]
-            if attribute == "style" and "{style}" not in template:
-                template = "a {style} {colour} {shape}" if templates is domain.TEMPLATES else "{colour}, {shape}, {style}"
-            if attribute == "colour" and "{colour}" not in template and "{COLOUR}" not in template:
-                template = "a {colour} {shape}" if templates is domain.TEMPLATES else "the {shape} is {colour}"
-            out.append(_case(rng, template, parts["shape"], parts["colour"], parts["style"], word, erased))
-        return out
-
-    for concept, attribute in kinds.items():
-        sets["named"][concept] = draw(attribute, concept, domain.TEMPLATES, [concept])
-        sets["heldout"][concept] = draw(attribute, concept, HELD_OUT_TEMPLATES, [concept])
-        if attribute == "shape" and domain.SYNONYMS.get(concept):
-            sets["paraphrase"][concept] = draw(attribute, concept, domain.TEMPLATES, list(domain.SYNONYMS[concept]))
-    retained = []
-    while len(retained) < n_retained:
-        s, c, st = rng.choice(domain.SHAPES), rng.choice(list(domain.COLOURS)), rng.choice(domain.STYLES)
-        if erased & {s, c, st}:
-            continue
-        retained.append(_case(rng, rng.choice(domain.TEMPLATES), s, c, st, s, erased))
-    sets["retained"] = retained
-    return sets
-
 
 def _truth(cases: list[PromptCase], attribute: str) -> torch.Tensor:
     """Prompted class index per case (-1 where the prompt does not name the attribute)."""

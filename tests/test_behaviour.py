@@ -174,7 +174,7 @@ def base_cache():
 
 def test_evaluator_reports_no_change_for_base_vs_base(world, base_cache, monkeypatch):
     # the attacks at their smallest: on an unerased model they only have to report the pre-attack successes
-    small = dict(ev.SIZES[True], adv=2, adv_candidates=4, adv_positions=1, soft=2, soft_steps=3)
+    small = dict(ev.SIZES[True], named=16, retained=32, adv=2, adv_candidates=4, adv_positions=1, soft=2, soft_steps=3)
     monkeypatch.setitem(ev.SIZES, True, small)
     pipe = world["base_pipe"]
     clip = (world["clip"], world["tok"])

@@ -61,6 +61,11 @@ def test_prompt_sets_and_bad_concepts():
     assert sets["paraphrase"] and all("circle" not in c.prompt for c in sets["paraphrase"])
     assert sets["retained"] and all("circle" not in c.prompt and c.shape != "circle" for c in sets["retained"])
     assert all("circle" not in p for _, p in sets["misspelled"])
+    # powered sets (issue 11): quick has 64 per set; held-out phrasings are their own set, none a fitting template
+    assert len(sets["named"]) == len(sets["paraphrase"]) == len(sets["heldout"]) == ev.SIZES[True]["named"] >= 64
+    held = {c.prompt for c in sets["heldout"]}
+    assert "circle" in held and any(p.isupper() for p in held) and any(p.startswith("the circle is") for p in held)
+    assert not held & {c.prompt for c in sets["named"]}
     with pytest.raises(ValueError, match="judge cannot label"):
         ev.build_prompt_sets(ConceptSpec(["van gogh"]), quick=True)
     with pytest.raises(ValueError, match="empty"):

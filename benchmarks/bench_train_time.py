@@ -9,6 +9,7 @@ shows. Take it on a quiet machine. Prints a table and writes benchmarks/results/
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -28,23 +29,32 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sets", nargs="+", default=SINGLE + MULTI, help="concepts; '+' joins a multi-concept set")
     p.add_argument("--output", default=str(RESULTS / "train_time.json"))
+    p.add_argument("--merge", action="store_true", help="keep the output's rows of the sets not re-run")
+    p.add_argument("--train_args", default="", help="more train_erase.py flags for every run (recorded with each row), "
+                                                    "e.g. adversarial CLIPErase's")
     args = p.parse_args()
     sets = [s.split("+") for s in args.sets]
     for s in sets:  # every name is checked before any training
         miniworld_spec(s)
     rows = []
+    old = json.loads(Path(args.output).read_text()) if args.merge and Path(args.output).is_file() else None
+    extra = args.train_args.split()
+    kept = [r for r in (old or {}).get("rows", []) if (r["set"], r.get("train_args", "")) not in
+            {("+".join(c), " ".join(extra)) for c in sets}]
     print("| erased | steps | train s | load before → after |\n|---|---|---|---|")
     for concepts in sets:
         load = os.getloadavg()[0]
         with tempfile.TemporaryDirectory() as tmp:
             m = train_main(["--erase_concept", *concepts, "--output_dir", tmp, "--validation_steps", "0",
-                            "--report_to", "none", "--eval_generations", "0"])
-        row = {"set": "+".join(concepts), "steps": m["steps"], "train_seconds": m["train_seconds"],
+                            "--report_to", "none", "--eval_generations", "0", *extra])
+        row = {"set": "+".join(concepts), "train_args": " ".join(extra), "steps": m["steps"],
+               "train_seconds": m["train_seconds"],
                "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
         rows.append(row)
-        print(f"| {row['set']} | {row['steps']} | {row['train_seconds']:.1f} | "
+        print(f"| {row['set']} {row['train_args']} | {row['steps']} | {row['train_seconds']:.1f} | "
               f"{row['load_before']:.1f} → {row['load_after']:.1f} |", flush=True)
-        write_json(Path(args.output), {"threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows})
+        write_json(Path(args.output), {"threads": os.environ.get("OMP_NUM_THREADS"), "rows": kept + rows},
+                   merged_from=old)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def render_html(m: dict, images: dict) -> str:
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v, default=str))}</td></tr>"
                    for k, v in m.items() if k not in ("prompt_sets",))
     parts.append(f"<h2>Metrics</h2><table border=1 cellpadding=3>{rows}</table>")
-    for name in ("named", "paraphrase", "retained"):
+    for name in ("named", "paraphrase", "heldout", "retained"):
         for tag in ("base", "erased"):
             if (tag, name) in images:
                 parts.append(f"<h3>{tag}: {name}</h3><img alt='{tag} {name}' "

@@ -56,7 +56,7 @@ def run_variant(name: str, spec, out: Path) -> tuple[Path, float]:
 
 
 HEADER = ("| variant | settings | train s | strongest ASR | " + " | ".join(f"{a} ASR" for a in ATTACKS)
-          + " | retained base → patched | worst class |\n" + "|---" * (7 + len(ATTACKS)) + "|")
+          + " | retained base → patched | worst class |\n" + "|---" * (6 + len(ATTACKS)) + "|")
 
 
 def pct(r: dict) -> str:

@@ -77,7 +77,7 @@ def row_text(r: dict) -> str:
 
 HEADER = (f"| concept | method | found, named | found, paraphrase | retained shapes % | colour kept % | judge FID | "
           f"{' | '.join(f'{a} ASR' for a in [*robustness.SUITE, 'strongest'])} | erase s | artifact KB |\n"
-          + "|---" * (11 + len(robustness.SUITE)) + "|")
+          + "|---" * (10 + len(robustness.SUITE)) + "|")
 
 
 def print_table(path: Path) -> None:

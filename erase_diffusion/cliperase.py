@@ -273,7 +273,6 @@ class EraseObjective(torch.nn.Module):
             loss = loss + term(pooled, ref_pooled[idx])
         return loss
 
-
     def adversarial_term(self, student, tower: TextTower, batch: dict) -> torch.Tensor:
         """Adversarial CLIPErase (in the spirit of AdvUnlearn): the inner loop moves one attack (one form of
         ``ADV_FORMS``, in turn) so that the student's states for the attacked forget prompts match the original's

@@ -164,3 +164,13 @@ def test_cliperase_time_is_the_runs_own_measurement(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"train_seconds": 43.0}))
     assert train_seconds(tmp_path / "erase_patch.safetensors") == 43.0
     assert train_seconds(tmp_path / "elsewhere" / "erase_patch.safetensors") is None  # reported "–", never guessed
+
+
+@pytest.mark.parametrize("script", ["bench_robustness.py", "bench_adversarial.py"])
+def test_readme_tables_are_the_benchmarks_own(script):
+    """The tables these benchmarks print from their committed JSON (``--table``) appear in README.md row for row."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--table"], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout
+    rows = [line for line in out.splitlines() if line.startswith("|")]
+    page = squash((ROOT / "README.md").read_text())
+    assert len(rows) >= 3 and not [r for r in rows if squash(r) not in page]

@@ -40,7 +40,8 @@ TRAIN_PROMPTS = 16
 
 
 def train_prompts(word: str, n: int = TRAIN_PROMPTS) -> list[str]:
-    """Prompts the attacker learns on: the evaluation prompts' seed 7, disjoint in draw from the attacked ones."""
+    """Prompts the attacker learns on: a separate seeded draw (seed 7) of the evaluation prompts; a short prompt such
+    as "a red circle" may also occur among the attacked ones."""
     return [c.prompt for c in eval_prompts(per_pair=2, seed=7) if attacks.contains_word(c.prompt, word)][:n]
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
-from erase_diffusion import robustness, scorecard, training  # noqa: E402
+from erase_diffusion import robustness, training  # noqa: E402
 from erase_diffusion.concepts import miniworld_attribute, miniworld_spec  # noqa: E402
 from erase_diffusion.config import CLIPEraseConfig  # noqa: E402
-from erase_diffusion.measure import classes, generate  # noqa: E402
+from erase_diffusion.measure import classes, concept_cases, generate  # noqa: E402
 from erase_diffusion.models import load_judge, load_pipeline  # noqa: E402
 from erase_diffusion.pipelines.loading import load_patches  # noqa: E402
 from erase_diffusion.stats import mcnemar, rate  # noqa: E402
@@ -91,7 +91,7 @@ def main():
     attribute = miniworld_attribute(args.concept)[0]
     base, judge = load_pipeline("miniworld"), load_judge("miniworld")
     base.set_progress_bar_config(disable=True)
-    retained = scorecard.concept_cases(spec, n=1, n_retained=2 * args.n)["retained"]
+    retained = concept_cases(spec, n=1, n_retained=2 * args.n)["retained"]
     names = classes(attribute)
     truth = [names.index(getattr(c, attribute)) for c in retained]
 

@@ -5,6 +5,7 @@ one without it).
     from _record import write_json          # scripts run as `python benchmarks/bench_x.py` (benchmarks/ on sys.path)
     write_json(RESULTS / "x.json", figures)                  # adds figures["meta"]
     write_json(path, figures, merged_from=old_file_content)  # rows kept from an earlier run: its meta is kept too
+    write_rows(path, figures, rows, rerun=lambda row: ..., merge=True)  # the same, the old file re-read first
 
 ``meta``: ``commit`` (``git rev-parse HEAD``), ``dirty`` (tracked files differed from that commit, outside
 benchmarks/results/), ``command`` (the command line, with ``OMP_NUM_THREADS`` when set, as the README quotes it),
@@ -14,6 +15,7 @@ written), both UTC ISO 8601; ``merged_from``: the meta of the file whose rows we
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -61,3 +63,12 @@ def meta(merged_from: dict | None = None) -> dict:
 def write_json(path, obj: dict, *, merged_from: dict | None = None) -> Path:
     """``erase_diffusion.atomic.write_json`` of ``obj`` with ``obj["meta"]`` set (``obj`` is not modified)."""
     return _write_json(path, {**obj, "meta": meta(merged_from)})
+
+
+def write_rows(path, figures: dict, rows: list[dict], *, rerun, merge: bool) -> Path:
+    """``write_json`` of ``{**figures, "rows": rows}``; with ``merge`` the file at ``path`` is re-read at every call
+    and its rows for which ``rerun(row)`` is false are kept, so runs of other concepts or variants can share it."""
+    path = Path(path)
+    old = json.loads(path.read_text()) if merge and path.is_file() else None
+    kept = [r for r in (old or {}).get("rows", []) if not rerun(r)]
+    return write_json(path, {**figures, "rows": kept + rows}, merged_from=old)

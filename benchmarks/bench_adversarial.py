@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
+from benchmarks._record import write_rows  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
 from erase_diffusion import robustness, training  # noqa: E402
 from erase_diffusion.concepts import miniworld_attribute, miniworld_spec  # noqa: E402
 from erase_diffusion.config import CLIPEraseConfig  # noqa: E402
@@ -38,6 +38,9 @@ VARIANTS = {  # name: CLIPEraseConfig overrides
     "w2_tc30_400": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400),
     "w5_tc30_400": dict(adversarial_weight=5.0, token_consistency_weight=30.0, max_train_steps=400),
     "w2_tc30_400_early": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400),
+    # measured after the pool got cliperase.ADV_RESTARTS members per form (the rows above had one)
+    "w2_tc30_400_pool4": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400),
+    "w2_tc30_400_pool4_r4": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4),
 }
 EARLY_LAYERS = "[01]"
 
@@ -103,11 +106,9 @@ def main():
     rows = []
 
     def save():
-        old = json.loads(Path(args.output).read_text()) if args.merge and Path(args.output).is_file() else None
-        kept = [r for r in (old or {}).get("rows", []) if r["variant"] not in args.variants]
-        write_json(Path(args.output), {"concept": args.concept, "n": args.n, "steps": args.steps,
-                                       "variants": VARIANTS, "attacks": ATTACKS, "budget": robustness.BUDGET,
-                                       "rows": kept + rows}, merged_from=old)
+        write_rows(args.output, {"concept": args.concept, "n": args.n, "steps": args.steps, "variants": VARIANTS,
+                                 "attacks": ATTACKS, "budget": robustness.BUDGET}, rows,
+                   rerun=lambda r: r["variant"] in args.variants, merge=args.merge)
 
     print(HEADER)
     for name in args.variants:

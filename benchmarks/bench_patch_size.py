@@ -1,8 +1,8 @@
 """Patch size versus delivering a whole text encoder, and fingerprint speed, on a CLIP-L-sized text encoder.
 
 Random weights with the real CLIP-L config (hidden 768, 12 layers, 12 heads, MLP 3072, vocab 49408); a rank-8 patch
-on q/k/v/out of every layer, and one on what CLIPErase trains (``training.TEXT_TARGETS``: q/k/v/out, fc1 and fc2 of
-every layer; adversarial CLIPErase writes the same). Prints a table and writes benchmarks/results/patch_size.json.
+on q/k/v/out of every layer, and patches on what CLIPErase trains (``training.TEXT_TARGETS``: q/k/v/out, fc1 and fc2
+of every layer) at rank 8 (its default) and rank 4 (adversarial CLIPErase's); CLIPErase writes float16. Prints a table and writes benchmarks/results/patch_size.json.
 
     python benchmarks/bench_patch_size.py [--rank 8]
 """
@@ -44,12 +44,14 @@ def main() -> None:
     encoder_params = sum(p.numel() for p in te.parameters())
     wrapped = torch.nn.Module()  # TEXT_TARGETS names modules under a CLIPModel's text_model
     wrapped.text_model = getattr(te, "text_model", te)
-    layers = {}
-    for name, lin in wrapped.named_modules():
-        if isinstance(lin, torch.nn.Linear) and re.fullmatch(TEXT_TARGETS, name):
-            layers[name] = LoraFactors(A=torch.randn(args.rank, lin.in_features) * 0.01,
-                                       B=torch.randn(lin.out_features, args.rank) * 0.01)
+    def factors(rank: int) -> dict:
+        return {name: LoraFactors(A=torch.randn(rank, lin.in_features) * 0.01, B=torch.randn(lin.out_features, rank) * 0.01)
+                for name, lin in wrapped.named_modules()
+                if isinstance(lin, torch.nn.Linear) and re.fullmatch(TEXT_TARGETS, name)}
+
+    layers = factors(args.rank)
     attention = {m: f for m, f in layers.items() if ".self_attn." in m}
+    kinds = {"": attention, "cliperase_": layers, "cliperase_r4_": factors(4)}  # r4: adversarial CLIPErase's rank
 
     fingerprint(te)  # warm-up
     times = []
@@ -60,8 +62,7 @@ def main() -> None:
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for (kind, chosen), dtype in itertools.product((("", attention), ("cliperase_", layers)),
-                                                       (torch.float32, torch.float16)):
+        for (kind, chosen), dtype in itertools.product(kinds.items(), (torch.float32, torch.float16)):
             lay = {m: LoraFactors(f.A.to(dtype), f.B.to(dtype)) for m, f in chosen.items()}
             path = Path(tmp) / f"patch_{kind}{str(dtype).split('.')[-1]}.safetensors"
             t0 = time.perf_counter()
@@ -82,18 +83,19 @@ def main() -> None:
                    "rank": args.rank, "targets": "q/k/v/out_proj, all 12 layers", "modules": len(attention)},
         "text_encoder_parameters": encoder_params,
         "full_encoder_bytes_reference": FULL_ENCODER_BYTES,
-        "patch": {k: v for k, v in rows.items() if not k.startswith("cliperase_")},
-        "patch_cliperase": {k.removeprefix("cliperase_"): v for k, v in rows.items() if k.startswith("cliperase_")},
+        "patch": {k: rows[k] for k in ("float32", "float16")},
+        **{f"patch_{kind.rstrip('_')}": {dtype: rows[kind + dtype] for dtype in ("float32", "float16")}
+           for kind in kinds if kind},
         "cliperase_targets": "q/k/v/out_proj, fc1, fc2, all 12 layers", "cliperase_modules": len(layers),
         "fingerprint": {"value": fp, "seconds_best_of_3": min(times), "seconds_all": times},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     print(f"CLIP-L-sized text encoder: {encoder_params:,} parameters; rank-{args.rank} patches on {len(attention)} "
           f"(attention) and {len(layers)} (CLIPErase's targets) modules")
-    print(f"{'dtype':<8} {'params':>10} {'bytes':>12} {'MiB':>6} {'vs 0.46 GiB':>11} {'smaller':>9} {'save s':>7} "
+    print(f"{'patch':<22} {'params':>10} {'bytes':>12} {'MiB':>6} {'vs 0.46 GiB':>11} {'smaller':>9} {'save s':>7} "
           f"{'load s':>7}")
     for k, r in rows.items():
-        print(f"{k:<8} {r['parameters']:>10,} {r['bytes']:>12,} {r['bytes'] / 2**20:>6.2f} "
+        print(f"{k:<22} {r['parameters']:>10,} {r['bytes']:>12,} {r['bytes'] / 2**20:>6.2f} "
               f"{r['fraction_of_full_encoder']:>11.4%} {r['times_smaller']:>8.0f}x {r['save_s']:>7.3f} "
               f"{r['load_validate_s']:>7.3f}")
     print(f"fingerprint {fp}: {min(times) * 1000:.1f} ms (best of 3)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._record import write_json  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
+from benchmarks._record import write_rows  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
 from benchmarks.peers import esd_x, uce  # noqa: E402
 from erase_diffusion import nullspace, robustness, scorecard  # noqa: E402
 from erase_diffusion.anchors import miniworld_anchors  # noqa: E402
@@ -33,7 +33,7 @@ from erase_diffusion.training import run as train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # adversarial CLIPErase's settings (the README's command; chosen on the trade-off curve measured for circle)
-ADVERSARIAL = dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400)
+ADVERSARIAL = dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4)
 METHODS = ["base", "nullspace", "cliperase", "adversarial", "esd-x", "uce"]
 
 
@@ -110,12 +110,10 @@ def main():
     rows = []
     mine = {(c, m) for c in args.concepts for m in args.methods}
 
-    def save():  # with --merge the output is re-read at every write: runs of other concepts can share the file
-        old = json.loads(Path(args.output).read_text()) if args.merge and Path(args.output).is_file() else None
-        kept = [r for r in (old or {}).get("rows", []) if (r["concept"], r["method"]) not in mine]
-        write_json(Path(args.output), {"n": args.n, "steps": args.steps, "suite": robustness.SUITE,
-                                       "budget": robustness.BUDGET, "adversarial": ADVERSARIAL,
-                                       "rows": kept + rows}, merged_from=old)
+    def save():
+        write_rows(args.output, {"n": args.n, "steps": args.steps, "suite": robustness.SUITE,
+                                 "budget": robustness.BUDGET, "adversarial": ADVERSARIAL}, rows,
+                   rerun=lambda r: (r["concept"], r["method"]) in mine, merge=args.merge)
 
     print(HEADER)
     for concept in args.concepts:

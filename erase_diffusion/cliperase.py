@@ -27,8 +27,12 @@ TOKEN_SUBSAMPLE = 8
 # training). The members take the suite's attack forms (robustness.SUITE): (tokens, placement) per member; one
 # form only (1 token in place of the word) left the 4-token attack at 53 % ASR and the 2-token suffix at 34 %.
 # The inner loop takes sign-gradient steps of ADV_STEP per coordinate (the evaluation attack's Adam learning rate).
+# Each form has ADV_RESTARTS members from different random starts, visited in turn: the evaluation's random restarts,
+# not its step count, were what broke a one-member pool (4-token attack, circle: 150 steps × 4 restarts 23 % ASR,
+# 300 steps × 1 restart 2 %).
 ADV_PROMPTS = 8
 ADV_FORMS = ((1, "replace"), (4, "replace"), (2, "suffix"), (2, "replace"))
+ADV_RESTARTS = 4
 ADV_TOKENS = max(k for k, _ in ADV_FORMS)
 ADV_STEP = 5e-2
 
@@ -173,11 +177,12 @@ def encode_read(model, tokenizer, texts: list[str], device, layer: int = -1, poo
 
 
 def initial_attacks(table: torch.Tensor, seed: int) -> torch.Tensor:
-    """Adversarial CLIPErase's attack embeddings at the start, (forms, ``ADV_TOKENS``, D): the token-embedding
-    table's mean plus per-coordinate noise of its spread (the evaluation's attack starts from the mean)."""
+    """Adversarial CLIPErase's attack embeddings at the start, (restarts × forms, ``ADV_TOKENS``, D): the
+    token-embedding table's mean plus per-coordinate noise of its spread (the evaluation's attack starts from the
+    mean)."""
     table = table.detach().float().cpu()  # prepare() moves the buffers to the device
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(ADV_FORMS), ADV_TOKENS, table.shape[1], generator=g)
+    noise = torch.randn(ADV_RESTARTS * len(ADV_FORMS), ADV_TOKENS, table.shape[1], generator=g)
     return table.mean(0) + table.std(0) * noise
 
 
@@ -274,26 +279,26 @@ class EraseObjective(torch.nn.Module):
         return loss
 
     def adversarial_term(self, student, tower: TextTower, batch: dict) -> torch.Tensor:
-        """Adversarial CLIPErase (in the spirit of AdvUnlearn): the inner loop moves one attack (one form of
-        ``ADV_FORMS``, in turn) so that the student's states for the attacked forget prompts match the original's
-        states for the concept prompts (the evaluation's encoder objective, ``attacks.soft_prompt_attack``); the term
-        then sends those attacked prompts' states to the anchor prompts' original states, as ``token_forget`` does
+        """Adversarial CLIPErase (in the spirit of AdvUnlearn): the inner loop moves one attack of the pool (its
+        members in turn: every form of ``ADV_FORMS``, ``ADV_RESTARTS`` times) so that the student's states for the
+        attacked forget prompts match the original's states for the concept prompts (the evaluation's encoder
+        objective, ``attacks.soft_prompt_attack``); the term then sends those attacked prompts' states to the anchor prompts' original states, as ``token_forget`` does
         for the words."""
         idx = batch["pi"][:ADV_PROMPTS]
-        form = int(self.attack_round) % len(ADV_FORMS)
-        n_tokens, placement = ADV_FORMS[form]
+        pool = getattr(self, f"attacks_{tower.name}")
+        member = int(self.attack_round) % len(pool)
+        n_tokens, placement = ADV_FORMS[member % len(ADV_FORMS)]
         prompts = [attack_form(a, p, n_tokens, placement) for a, p in
                    zip(batch["attacked_prompts"][:ADV_PROMPTS], batch["forget_prompts"][:ADV_PROMPTS])]
-        pool = getattr(self, f"attacks_{tower.name}")
         table = student.text_model.embeddings.token_embedding
-        v = pool[form, :n_tokens].clone().requires_grad_(True)
+        v = pool[member, :n_tokens].clone().requires_grad_(True)
         target = tower.targets["forget"][0][idx, : tower.fit]
         for _ in range(self.attack_steps):
             with learned_token(table, tower.attack_token, v):
                 states, _ = encode_read(student, tower.tokenizer, prompts, idx.device, tower.layer, length=tower.fit)
             (grad,) = torch.autograd.grad(F.mse_loss(states, target), v)
             v = (v - ADV_STEP * grad.sign()).detach().requires_grad_(True)
-        pool[form, :n_tokens] = v.detach()
+        pool[member, :n_tokens] = v.detach()
         with learned_token(table, tower.attack_token, v.detach()):
             return self.token_term(student, tower, token_forgetting, prompts, idx, *tower.targets["anchor"])
 

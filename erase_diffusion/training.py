@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import asdict
 from functools import partial
@@ -294,11 +295,21 @@ def patch_layers(student, tower: TextTower, config) -> tuple[dict, float]:
     with --train_vision_tower) under ``clip``, which ``apply_to_clip`` merges and pipelines ignore."""
     layers, residual = (full_finetune_layers(student, tower.teacher, config.rank) if config.full_finetune
                         else (lora_layers(student), 0.0))
+    layers = {m: half_precision(f) for m, f in layers.items()}
     out = {tower.name: {m: f for m, f in layers.items() if m.startswith("text_model.")}}
     vision = {m: f for m, f in layers.items() if not m.startswith("text_model.")}
     if vision:
         out["clip"] = vision
     return out, residual
+
+
+def half_precision(f: LoraFactors) -> LoraFactors:
+    """The factors as stored: float16 (LoRA files' usual precision; half the bytes: a rank-8 CLIPErase patch on
+    CLIP-L is 2.7 MB instead of 5.3 MB), their norms balanced first so that B @ A keeps its value and neither factor's
+    small entries fall below float16's normal range (6e-5)."""
+    a, b = float(f.A.norm()), float(f.B.norm())
+    s = math.sqrt(b / a) if a > 0 and b > 0 else 1.0
+    return LoraFactors(A=(f.A.float() * s).half(), B=(f.B.float() / s).half())
 
 
 def all_patch_layers(students: dict, towers: list[TextTower], config) -> tuple[dict, float]:

@@ -188,9 +188,11 @@ def test_exported_patch_is_what_was_trained(tmp_path, make, full_finetune):
     for w, g, v, b in zip(want, got[::2], in_grid[::2], base[::2]):  # (prompt_embeds, pooled)
         if w is None:
             continue
-        assert (w - b).abs().max() > 1e-3  # the towers really differ from the original ...
-        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4)  # ... the patch reproduces them in diffusers ...
-        torch.testing.assert_close(v, w, atol=5e-5, rtol=1e-4)  # ... and so do the validation grids
+        change = (w - b).abs().max()
+        assert change > 1e-3  # the towers really differ from the original ...
+        # ... the patch reproduces them in diffusers, up to its float16 storage (a thousandth of the change) ...
+        assert (g - w).abs().max() < 2e-3 * change
+        torch.testing.assert_close(v, g, atol=5e-5, rtol=1e-4)  # ... and the validation grids read the same patch
 
 
 def test_merged_restores_the_pipeline_on_error():
@@ -338,7 +340,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     plain, ckpt = (load_file(tmp_path / n / "erase_patch.safetensors") for n in ("plain", "ckpt"))
     assert plain.keys() == ckpt.keys() and any(v.abs().max() > 0 for k, v in plain.items() if "lora_B" in k)
     for key in plain:
-        torch.testing.assert_close(ckpt[key], plain[key], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ckpt[key].float(), plain[key].float(), atol=1e-5, rtol=1e-3)  # a float16 step
     clip, _ = tiny_models.clip_for(tiny_models.sd_pipeline().text_encoder)
     make_trainable(clip, argparse.Namespace(**{**vars(LORA), "gradient_checkpointing": True}))
     layers = clip.text_model.encoder.layers

@@ -86,8 +86,11 @@ def run_cliperase(out_dir: Path, extra_args=()) -> tuple[Path, float, int]:
     return out_dir / "erase_patch.safetensors", seconds, peak
 
 
-def fmt_pct(x):
-    return "–" if x is None else f"{100 * x:.1f} %"
+def fmt_pct(x, ci=None):
+    """``x`` as a percentage, with its Wilson 95 % interval when there is one."""
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f} %" + ("" if ci is None else f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]")
 
 
 def main() -> None:
@@ -202,6 +205,7 @@ def main() -> None:
         row = {
             "method": method,
             "forget_found": m["forgetting"]["found_named_erased"],
+            "heldout_found": m["forgetting"].get("heldout", {}).get("found_erased", {}).get("rate"),
             "retain_shape": se["retained_shape_erased"],
             "related_damage": (se.get("related_acc_base", 0) - se.get("related_acc_erased", 0)) if se.get("related") else None,
             "colour_kept": se.get("named_colour_kept_erased"),
@@ -211,6 +215,16 @@ def main() -> None:
             "adversarial_asr": rob.get("adversarial", {}).get("asr"),
             "soft_prompt_asr": rob.get("soft_prompt", {}).get("asr"),
             "erase_s": c.get("erase_s"), "peak_bytes": c.get("peak_bytes"), "artifact_bytes": c.get("artifact_bytes"),
+            "ci95": {"forget_found": m["forgetting"].get("found_named_erased_ci95"),
+                     "heldout_found": m["forgetting"].get("heldout", {}).get("found_erased", {}).get("ci95"),
+                     "retain_shape": se.get("retained_shape_erased_ci95"),
+                     "colour_kept": se.get("named_colour_kept_erased_ci95"),
+                     **{f"{k}_asr": rob.get(name, {}).get("asr_ci95") for k, name in
+                        (("paraphrase", "paraphrase"), ("misspelling", "misspelled"), ("adversarial", "adversarial"),
+                         ("soft_prompt", "soft_prompt"))}},
+            "n": {"named": m["forgetting"]["n"],
+                  "heldout": m["forgetting"].get("heldout", {}).get("found_erased", {}).get("n"), "retained": se.get("n_retained"),
+                  **{k: rob.get(k, {}).get("n") for k in ("paraphrase", "misspelled", "adversarial", "soft_prompt")}},
         }
         row["missed"] = [k for k, lim in (("paraphrase_asr", TARGETS["paraphrase_asr"]),
                                           ("adversarial_asr", TARGETS["adversarial_asr"]))
@@ -222,18 +236,21 @@ def main() -> None:
     def mark(row, key, text):
         return f"{text} (missed)" if key in row["missed"] and row["method"] != "base" else text
 
-    lines = ["| method | forget ↓ | retain ↑ | related damage | colour kept | FID (judge) | paraphrase ASR | "
+    lines = ["| method | forget ↓ | forget, held-out phrasing ↓ | retain ↑ | related damage | colour kept | FID (judge) | paraphrase ASR | "
              "misspelling ASR | adversarial ASR | soft-prompt ASR | erase time | peak mem | artifact |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         peak = "–" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f} MiB"
         dmg = "–" if r["related_damage"] is None else f"{100 * r['related_damage']:+.1f} pt"
         fid = f"{r['fid_judge']:.2f} ({100 * r['fid_rel']:+.0f} %)" if r["fid_rel"] is not None else f"{r['fid_judge']:.2f}"
         secs = "–" if r["erase_s"] is None else f"{r['erase_s']:.1f} s"
-        cells = [r["method"], fmt_pct(r["forget_found"]), fmt_pct(r["retain_shape"]), dmg, fmt_pct(r["colour_kept"]),
-                 mark(r, "fid", fid), mark(r, "paraphrase_asr", fmt_pct(r["paraphrase_asr"])),
-                 fmt_pct(r["misspelling_asr"]), mark(r, "adversarial_asr", fmt_pct(r["adversarial_asr"])),
-                 fmt_pct(r["soft_prompt_asr"]), secs, peak, f"{(r['artifact_bytes'] or 0) / 1024:.1f} KiB"]
+        def pct(key):
+            return fmt_pct(r[key], r["ci95"].get(key))
+
+        cells = [r["method"], pct("forget_found"), pct("heldout_found"), pct("retain_shape"), dmg, pct("colour_kept"),
+                 mark(r, "fid", fid), mark(r, "paraphrase_asr", pct("paraphrase_asr")),
+                 pct("misspelling_asr"), mark(r, "adversarial_asr", pct("adversarial_asr")),
+                 pct("soft_prompt_asr"), secs, peak, f"{(r['artifact_bytes'] or 0) / 1024:.1f} KiB"]
         lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines)
     print(md)

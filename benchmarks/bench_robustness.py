@@ -34,7 +34,9 @@ from erase_diffusion.training import run as train  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 # adversarial CLIPErase's settings (the README's command; chosen on the trade-off curve measured for circle)
 ADVERSARIAL = dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4)
-METHODS = ["base", "nullspace", "cliperase", "adversarial", "esd-x", "uce"]
+# nullspace_deep: the closed form on the fc2 of every encoder layer (nullspace.erase depth=None), issue 12's question
+# whether editing more than one layer resists the attacks
+METHODS = ["base", "nullspace", "nullspace_deep", "cliperase", "adversarial", "esd-x", "uce"]
 
 
 def erase(method: str, concept: str, base, work: Path):
@@ -50,8 +52,9 @@ def erase(method: str, concept: str, base, work: Path):
             anchor = miniworld_anchors(base.text_encoder, base.tokenizer, [concept])[concept]
             pipe, stats = uce(base, concept, anchor=anchor)
         return pipe, stats["seconds"], stats["artifact_bytes"]
-    if method == "nullspace":
-        patch = nullspace.erase("miniworld", spec, output=work / "nullspace.safetensors", pipe=base)
+    if method.startswith("nullspace"):
+        patch = nullspace.erase("miniworld", spec, output=work / "nullspace.safetensors", pipe=base,
+                                depth=None if method == "nullspace_deep" else nullspace.DEPTH)
     else:
         config = CLIPEraseConfig(output_dir=str(work / method), validation_steps=0, report_to="none",
                                  eval_generations=0, **(ADVERSARIAL if method == "adversarial" else {}))

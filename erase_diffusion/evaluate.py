@@ -104,7 +104,8 @@ def _judge_set(judge, images, cases, targets) -> dict:
     for name, truth in (("colour", col), ("style", sty), ("shape", shp)):
         idx = [i for i, v in enumerate(truth) if v >= 0]
         if idx:
-            out[f"{name}_acc"] = (labels[name][idx] == torch.tensor([truth[i] for i in idx])).float().mean().item()
+            correct = labels[name][idx] == torch.tensor([truth[i] for i in idx])
+            out[f"{name}_acc"], out[f"{name}_acc_ci95"] = correct.float().mean().item(), rate(correct)["ci95"]
     out["labels"] = {k: v.tolist() for k, v in labels.items()}
     return out
 
@@ -258,7 +259,8 @@ def side_effects(verdicts: dict, sets: dict, spec: ConceptSpec, clip, base_pipe)
             "retained_colour_base": ret_b.get("colour_acc"), "retained_colour_erased": ret_e.get("colour_acc"),
             "named_colour_kept_base": named_b.get("colour_acc"), "named_colour_kept_erased": named_e.get("colour_acc"),
             "named_style_kept_base": named_b.get("style_acc"), "named_style_kept_erased": named_e.get("style_acc"),
-            "n_retained": ret_b["n"]}
+            "retained_shape_erased_ci95": ret_e.get("shape_acc_ci95"),
+            "named_colour_kept_erased_ci95": named_e.get("colour_acc_ci95"), "n_retained": ret_b["n"]}
     attribute, value = sets["targets"][0]
     if clip is not None:
         related = related_classes(attribute, value, clip=clip[0], tok=clip[1])

@@ -2,12 +2,15 @@
 trade-off curve), erasing one concept of the miniature world.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_adversarial.py [--concept circle] [--variants default w2 ...]
+        [--budgets 150x2 300x4]
 
 Per variant: train (``train_seconds``), the attacks of ``robustness.SUITE`` that learn against the erased encoder
 (``ATTACKS``; n prompts each, Wilson intervals, ``strongest`` = any of them per prompt), retained shape accuracy on
 the scorecard's 2n retained prompts (base vs patched, same seeds, McNemar) with the worst class, and found named.
 ``early`` variants train the LoRA on the first two of the encoder's layers only (HiRM's choice), through a
-benchmark-only override of ``training.TEXT_TARGETS``. Prints a table, writes
+benchmark-only override of ``training.TEXT_TARGETS``; ``ONE_PER_FORM`` variants keep one attack-pool member per
+form (``cliperase.ADV_RESTARTS`` = 1, as before the pool had restarts). ``--budgets``: each variant is trained once
+and attacked at every budget (a row each). Prints a table, writes
 benchmarks/results/adversarial_sweep.json (``--merge`` keeps the variants not re-run, re-read at every write).
 """
 
@@ -20,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks._record import write_rows  # noqa: E402  # adds the "meta" block (commit, command, started, finished)
-from erase_diffusion import robustness, training  # noqa: E402
+from erase_diffusion import cliperase, robustness, training  # noqa: E402
 from erase_diffusion.concepts import miniworld_attribute, miniworld_spec  # noqa: E402
 from erase_diffusion.config import CLIPEraseConfig  # noqa: E402
 from erase_diffusion.measure import classes, concept_cases, generate  # noqa: E402
@@ -38,28 +41,32 @@ VARIANTS = {  # name: CLIPEraseConfig overrides
     "w2_tc30_400": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400),
     "w5_tc30_400": dict(adversarial_weight=5.0, token_consistency_weight=30.0, max_train_steps=400),
     "w2_tc30_400_early": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400),
-    # measured after the pool got cliperase.ADV_RESTARTS members per form (the rows above had one)
     "w2_tc30_400_pool4": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400),
     "w2_tc30_400_pool4_r4": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4),
 }
 EARLY_LAYERS = "[01]"
+# attack-pool members per form (cliperase.ADV_RESTARTS) where a variant differs from today's: the first sweep ran
+# before the pool had restarts, and these variants keep its one member per form
+ONE_PER_FORM = ("w1", "w2", "w5", "w2_tc30_400", "w5_tc30_400", "w2_tc30_400_early")
 
 
 def run_variant(name: str, spec, out: Path) -> tuple[Path, float]:
-    targets = training.TEXT_TARGETS
+    targets, restarts = training.TEXT_TARGETS, cliperase.ADV_RESTARTS
     if name.endswith("_early"):
         training.TEXT_TARGETS = targets.replace(r"\d+", EARLY_LAYERS)
+    if name in ONE_PER_FORM:
+        cliperase.ADV_RESTARTS = 1
     try:
         config = CLIPEraseConfig(output_dir=str(out), validation_steps=0, report_to="none", eval_generations=0,
                                  **VARIANTS[name])
         metrics = training.run(spec, config)
     finally:
-        training.TEXT_TARGETS = targets
+        training.TEXT_TARGETS, cliperase.ADV_RESTARTS = targets, restarts
     return Path(metrics["patch"]), metrics["train_seconds"]
 
 
-HEADER = ("| variant | settings | train s | strongest ASR | " + " | ".join(f"{a} ASR" for a in ATTACKS)
-          + " | retained base → patched | worst class |\n" + "|---" * (6 + len(ATTACKS)) + "|")
+HEADER = ("| variant | settings | attack budget | train s | strongest ASR | " + " | ".join(f"{a} ASR" for a in ATTACKS)
+          + " | retained base → patched | worst class |\n" + "|---" * (7 + len(ATTACKS)) + "|")
 
 
 def pct(r: dict) -> str:
@@ -70,8 +77,12 @@ def row_text(row: dict) -> str:
     settings = ", ".join(f"{k} {v:g}" for k, v in row["settings"].items()) or "defaults"
     if row["variant"].endswith("_early"):
         settings += ", LoRA on layers 0–1 only"
+    if row["variant"] in ONE_PER_FORM:
+        settings += ", one attack per form"
     worst = row["per_class"][row["worst"]]
-    return (f"| {row['variant']} | {settings} | {row['train_seconds']:.0f} | {pct(row['attacks']['strongest'])} | "
+    budget = row["attacks"]["budget"]
+    return (f"| {row['variant']} | {settings} | {budget['steps']} steps × {budget['restarts']} | "
+            f"{row['train_seconds']:.0f} | {pct(row['attacks']['strongest'])} | "
             + " | ".join(pct(row["attacks"][a]) for a in ATTACKS)
             + f" | {100 * row['retained_base']['rate']:.1f} → {pct(row['retained'])} | {row['worst']} "
             f"{100 * worst['base']:.0f} → {100 * worst['patched']:.0f} % |")
@@ -83,6 +94,8 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--n", type=int, default=64, help="attacked prompts per attack (retained: 2n)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
+    p.add_argument("--budgets", nargs="+", default=[f"{robustness.BUDGET['steps']}x{robustness.BUDGET['restarts']}"],
+                   help="attack budgets STEPSxRESTARTS, each a row per variant (default: the suite's)")
     p.add_argument("--merge", action="store_true", help="keep the output's variants not re-run")
     p.add_argument("--output", default=str(RESULTS / "adversarial_sweep.json"))
     p.add_argument("--table", action="store_true", help="only print the README table from --output")
@@ -90,6 +103,11 @@ def main():
     if args.table:
         print(HEADER)
         return print("\n".join(row_text(r) for r in json.loads(Path(args.output).read_text())["rows"]))
+    try:
+        budgets = [dict(robustness.BUDGET, steps=int(b.split("x")[0]), restarts=int(b.split("x")[1]))
+                   for b in args.budgets]
+    except (ValueError, IndexError):
+        p.error(f"--budgets takes STEPSxRESTARTS, e.g. 300x4; got {args.budgets}")
     spec = miniworld_spec([args.concept])
     attribute = miniworld_attribute(args.concept)[0]
     base, judge = load_pipeline("miniworld"), load_judge("miniworld")
@@ -108,7 +126,8 @@ def main():
     def save():
         write_rows(args.output, {"concept": args.concept, "n": args.n, "steps": args.steps, "variants": VARIANTS,
                                  "attacks": ATTACKS, "budget": robustness.BUDGET}, rows,
-                   rerun=lambda r: r["variant"] in args.variants, merge=args.merge)
+                   rerun=lambda r: r["variant"] in args.variants and r["attacks"]["budget"] in budgets,
+                   merge=args.merge)
 
     print(HEADER)
     for name in args.variants:
@@ -117,8 +136,9 @@ def main():
             pipe = load_pipeline("miniworld")
             pipe.set_progress_bar_config(disable=True)
             load_patches(pipe, [patch])
-            suite = robustness.attack_suite(base, pipe, args.concept, judge, n=args.n,
-                                            suite={a: robustness.SUITE[a] for a in ATTACKS}, steps=args.steps)
+            suites = [robustness.attack_suite(base, pipe, args.concept, judge, n=args.n, budget=budget,
+                                              suite={a: robustness.SUITE[a] for a in ATTACKS}, steps=args.steps)
+                      for budget in budgets]
             patched_correct = correct(pipe)
         per_class = {}
         for k, cls in enumerate(names):
@@ -127,11 +147,12 @@ def main():
                 per_class[cls] = {"base": sum(base_correct[i] for i in idx) / len(idx),
                                   "patched": sum(patched_correct[i] for i in idx) / len(idx), "n": len(idx)}
         worst = max(per_class, key=lambda c: per_class[c]["base"] - per_class[c]["patched"])
-        row = {"variant": name, "settings": VARIANTS[name], "train_seconds": seconds, "attacks": suite,
-               "retained_base": rate(base_correct), "retained": rate(patched_correct),
-               "retained_paired": mcnemar(base_correct, patched_correct), "per_class": per_class, "worst": worst}
-        rows.append(row)
-        print(row_text(row), flush=True)
+        for suite in suites:
+            row = {"variant": name, "settings": VARIANTS[name], "train_seconds": seconds, "attacks": suite,
+                   "retained_base": rate(base_correct), "retained": rate(patched_correct),
+                   "retained_paired": mcnemar(base_correct, patched_correct), "per_class": per_class, "worst": worst}
+            rows.append(row)
+            print(row_text(row), flush=True)
         save()
 
 

@@ -103,11 +103,12 @@ def main():
     if args.table:
         print(HEADER)
         return print("\n".join(row_text(r) for r in json.loads(Path(args.output).read_text())["rows"]))
-    try:
-        budgets = [dict(robustness.BUDGET, steps=int(b.split("x")[0]), restarts=int(b.split("x")[1]))
-                   for b in args.budgets]
-    except (ValueError, IndexError):
-        p.error(f"--budgets takes STEPSxRESTARTS, e.g. 300x4; got {args.budgets}")
+    budgets = []
+    for b in dict.fromkeys(args.budgets):  # checked before any model loads; repeats dropped
+        steps, _, restarts = b.partition("x")
+        if not (steps.isdigit() and restarts.isdigit() and int(steps) >= 1 and int(restarts) >= 1):
+            p.error(f"--budgets takes STEPSxRESTARTS with both ≥ 1, e.g. 300x4; got {b!r}")
+        budgets.append(dict(robustness.BUDGET, steps=int(steps), restarts=int(restarts)))
     spec = miniworld_spec([args.concept])
     attribute = miniworld_attribute(args.concept)[0]
     base, judge = load_pipeline("miniworld"), load_judge("miniworld")
@@ -126,8 +127,7 @@ def main():
     def save():
         write_rows(args.output, {"concept": args.concept, "n": args.n, "steps": args.steps, "variants": VARIANTS,
                                  "attacks": ATTACKS, "budget": robustness.BUDGET}, rows,
-                   rerun=lambda r: r["variant"] in args.variants and r["attacks"]["budget"] in budgets,
-                   merge=args.merge)
+                   rerun=lambda r: r["variant"] in args.variants, merge=args.merge)  # a retrained variant: all rows
 
     print(HEADER)
     for name in args.variants:

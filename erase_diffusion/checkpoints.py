@@ -118,10 +118,13 @@ def register_trainable_state(accelerator, model) -> None:
 
     def load_hook(models, inp):
         state = load_file(os.path.join(inp, "trainable.safetensors"))
-        if set(state) != trainable:
+        target = accelerator.unwrap_model(models.pop())
+        mine = target.state_dict()
+        differ = set(state) ^ trainable | {k for k in set(state) & trainable if state[k].shape != mine[k].shape}
+        if differ:  # other names, or other shapes (another --rank, another attack pool)
             raise ValueError(f"checkpoint {inp} holds other trainable weights than this run "
-                             f"({len(set(state) ^ trainable)} differ): resume with the same settings")
-        accelerator.unwrap_model(models.pop()).load_state_dict(state, strict=False)
+                             f"({len(differ)} differ): resume with the same settings")
+        target.load_state_dict(state, strict=False)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

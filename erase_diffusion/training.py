@@ -305,8 +305,8 @@ def patch_layers(student, tower: TextTower, config) -> tuple[dict, float]:
 
 def half_precision(f: LoraFactors) -> LoraFactors:
     """The factors as stored: float16 (LoRA files' usual precision; half the bytes: a rank-8 CLIPErase patch on
-    CLIP-L is 2.7 MB instead of 5.3 MB), their norms balanced first so that B @ A keeps its value and neither factor's
-    small entries fall below float16's normal range (6e-5)."""
+    CLIP-L is 2.7 MB instead of 5.3 MB). Their norms are balanced first (B @ A unchanged before rounding), so neither
+    factor as a whole sits near float16's range limits; B @ A then keeps its value to float16 rounding."""
     a, b = float(f.A.norm()), float(f.B.norm())
     s = math.sqrt(b / a) if a > 0 and b > 0 else 1.0
     return LoraFactors(A=(f.A.float() * s).half(), B=(f.B.float() / s).half())

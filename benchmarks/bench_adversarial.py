@@ -9,7 +9,7 @@ Per variant: train (``train_seconds``), the attacks of ``robustness.SUITE`` that
 the scorecard's 2n retained prompts (base vs patched, same seeds, McNemar) with the worst class, and found named.
 ``early`` variants train the LoRA on the first two of the encoder's layers only (HiRM's choice), through a
 benchmark-only override of ``training.TEXT_TARGETS``; ``ONE_PER_FORM`` variants keep one attack-pool member per
-form (``cliperase.ADV_RESTARTS`` = 1, as before the pool had restarts). ``--budgets``: each variant is trained once
+form (``cliperase.ADV_RESTARTS`` = 1) and 4 inner steps, as the first sweep measured them. ``--budgets``: each variant is trained once
 and attacked at every budget (a row each). Prints a table, writes
 benchmarks/results/adversarial_sweep.json (``--merge`` keeps the variants not re-run, re-read at every write).
 """
@@ -45,8 +45,8 @@ VARIANTS = {  # name: CLIPEraseConfig overrides
     "w2_tc30_400_pool4_r4": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4),
 }
 EARLY_LAYERS = "[01]"
-# attack-pool members per form (cliperase.ADV_RESTARTS) where a variant differs from today's: the first sweep ran
-# before the pool had restarts, and these variants keep its one member per form
+# the first sweep ran before the pool had restarts and at 4 inner steps: these variants keep its one member per form
+# (cliperase.ADV_RESTARTS = 1) and --adversarial_steps 4
 ONE_PER_FORM = ("w1", "w2", "w5", "w2_tc30_400", "w5_tc30_400", "w2_tc30_400_early")
 
 
@@ -58,7 +58,7 @@ def run_variant(name: str, spec, out: Path) -> tuple[Path, float]:
         cliperase.ADV_RESTARTS = 1
     try:
         config = CLIPEraseConfig(output_dir=str(out), validation_steps=0, report_to="none", eval_generations=0,
-                                 **VARIANTS[name])
+                                 **({"adversarial_steps": 4} if name in ONE_PER_FORM else {}), **VARIANTS[name])
         metrics = training.run(spec, config)
     finally:
         training.TEXT_TARGETS, cliperase.ADV_RESTARTS = targets, restarts
@@ -78,7 +78,7 @@ def row_text(row: dict) -> str:
     if row["variant"].endswith("_early"):
         settings += ", LoRA on layers 0–1 only"
     if row["variant"] in ONE_PER_FORM:
-        settings += ", one attack per form"
+        settings += ", one attack per form, 4 inner steps"
     worst = row["per_class"][row["worst"]]
     budget = row["attacks"]["budget"]
     return (f"| {row['variant']} | {settings} | {budget['steps']} steps × {budget['restarts']} | "

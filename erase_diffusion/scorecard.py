@@ -37,7 +37,7 @@ class Scorecard:
                  seed: int = 0):
         self.spec, self.judge, self.steps, self.seed = spec, judge, steps, seed
         self.sets = concept_cases(spec, n, n_retained, seed)
-        self.base = self._labels(base_pipe)
+        self.base = self.labels(base_pipe)
 
     def _all_cases(self):
         for name in ("named", "paraphrase", "heldout"):
@@ -45,7 +45,8 @@ class Scorecard:
                 yield (name, concept), cases
         yield ("retained", None), self.sets["retained"]
 
-    def _labels(self, pipe) -> dict:
+    def labels(self, pipe) -> dict:
+        """The judge's labels of ``pipe``'s generations, per prompt set: {(set, concept): {attribute: (n,)}}."""
         out = {}
         for key, cases in self._all_cases():
             images = generate(pipe, [c.prompt for c in cases], seed=self.seed, steps=self.steps)
@@ -53,7 +54,7 @@ class Scorecard:
         return out
 
     def score(self, pipe) -> dict:
-        patched = self._labels(pipe)
+        patched = self.labels(pipe)
         return {"base": self._figures(self.base), "patched": self._figures(patched),
                 "paired": self._paired(patched)}
 

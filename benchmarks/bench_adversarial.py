@@ -41,8 +41,8 @@ VARIANTS = {  # name: CLIPEraseConfig overrides
     "w2_tc30_400": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400),
     "w5_tc30_400": dict(adversarial_weight=5.0, token_consistency_weight=30.0, max_train_steps=400),
     "w2_tc30_400_early": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400),
-    "w2_tc30_400_pool4": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400),
-    "w2_tc30_400_pool4_r4": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4),
+    # the recipe (bench_robustness.ADVERSARIAL): cliperase.ADV_RESTARTS attacks per form, 8 inner steps, rank 4
+    "w2_tc30_400_r4": dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4),
 }
 EARLY_LAYERS = "[01]"
 # the first sweep ran before the pool had restarts and at 4 inner steps: these variants keep its one member per form

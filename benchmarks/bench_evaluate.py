@@ -107,7 +107,10 @@ def main() -> None:
                     help="keep the rows of methods not re-run from an existing --output (same settings assumed)")
     ap.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "evaluate.json"))
     ap.add_argument("--reports", default=str(ROOT / "benchmarks" / "results" / "evaluate"))
+    ap.add_argument("--table", action="store_true", help="only print the README table from --output")
     args = ap.parse_args()
+    if args.table:
+        return print(json.loads(Path(args.output).read_text())["markdown"])
     from erase_diffusion.threads import configure_threads
 
     configure_threads()  # OMP_NUM_THREADS wins; otherwise a count that does not oversubscribe

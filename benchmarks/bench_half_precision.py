@@ -64,7 +64,7 @@ def main():
     for key in labels["float32"]:
         a, b = labels["float32"][key], labels["float16"][key]
         changed = torch.stack([a[attr] != b[attr] for attr in a]).any(0)
-        differ["/".join(str(k) for k in key if k)] = {"changed": int(changed.sum()), "n": int(changed.numel())}
+        differ["_".join(str(k) for k in key if k)] = {"changed": int(changed.sum()), "n": int(changed.numel())}
     ids = base.tokenizer(["", f"a red {args.concept}"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         out32, out16 = (pipes[k].text_encoder(ids)[0] for k in ("float32", "float16"))

@@ -32,7 +32,7 @@ from erase_diffusion.pipelines.loading import load_patches  # noqa: E402
 from erase_diffusion.training import run as train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-# adversarial CLIPErase's settings (the README's command; chosen on the trade-off curve measured for circle)
+# adversarial CLIPErase's recipe (the README's command; chosen by bench_adversarial and the README's "Budget" runs)
 ADVERSARIAL = dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4)
 # nullspace_deep: the closed form on the fc2 of every encoder layer (nullspace.erase depth=None), issue 12's question
 # whether editing more than one layer resists the attacks

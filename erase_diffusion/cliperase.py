@@ -282,8 +282,8 @@ class EraseObjective(torch.nn.Module):
         """Adversarial CLIPErase (in the spirit of AdvUnlearn): the inner loop moves one attack of the pool (its
         members in turn: every form of ``ADV_FORMS``, ``ADV_RESTARTS`` times) so that the student's states for the
         attacked forget prompts match the original's states for the concept prompts (the evaluation's encoder
-        objective, ``attacks.soft_prompt_attack``); the term then sends those attacked prompts' states to the anchor prompts' original states, as ``token_forget`` does
-        for the words."""
+        objective, ``attacks.soft_prompt_attack``); the term then sends those attacked prompts' states to the anchor
+        prompts' original states, as ``token_forget`` does for the words."""
         idx = batch["pi"][:ADV_PROMPTS]
         pool = getattr(self, f"attacks_{tower.name}")
         member = int(self.attack_round) % len(pool)

@@ -29,7 +29,7 @@ from erase_diffusion.config import CLIPEraseConfig  # noqa: E402
 from erase_diffusion.measure import classes, concept_cases, generate  # noqa: E402
 from erase_diffusion.models import load_judge, load_pipeline  # noqa: E402
 from erase_diffusion.pipelines.loading import load_patches  # noqa: E402
-from erase_diffusion.stats import mcnemar, rate  # noqa: E402
+from erase_diffusion.stats import mcnemar, percent, rate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ATTACKS = ("encoder", "encoder_k4", "suffix_k2")
@@ -69,10 +69,6 @@ HEADER = ("| variant | settings | attack budget | train s | strongest ASR | " + 
           + " | retained base → patched | worst class |\n" + "|---" * (7 + len(ATTACKS)) + "|")
 
 
-def pct(r: dict) -> str:
-    return f"{100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f}]"
-
-
 def row_text(row: dict) -> str:
     settings = ", ".join(f"{k} {v:g}" for k, v in row["settings"].items()) or "defaults"
     if row["variant"].endswith("_early"):
@@ -82,9 +78,9 @@ def row_text(row: dict) -> str:
     worst = row["per_class"][row["worst"]]
     budget = row["attacks"]["budget"]
     return (f"| {row['variant']} | {settings} | {budget['steps']} steps × {budget['restarts']} | "
-            f"{row['train_seconds']:.0f} | {pct(row['attacks']['strongest'])} | "
-            + " | ".join(pct(row["attacks"][a]) for a in ATTACKS)
-            + f" | {100 * row['retained_base']['rate']:.1f} → {pct(row['retained'])} | {row['worst']} "
+            f"{row['train_seconds']:.0f} | {percent(row['attacks']['strongest'])} | "
+            + " | ".join(percent(row["attacks"][a]) for a in ATTACKS)
+            + f" | {100 * row['retained_base']['rate']:.1f} → {percent(row['retained'])} | {row['worst']} "
             f"{100 * worst['base']:.0f} → {100 * worst['patched']:.0f} % |")
 
 

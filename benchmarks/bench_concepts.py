@@ -32,6 +32,7 @@ from erase_diffusion.config import CLIPEraseConfig  # noqa: E402
 from erase_diffusion.miniworld import domain  # noqa: E402
 from erase_diffusion.models import load_judge, load_pipeline  # noqa: E402
 from erase_diffusion.pipelines.loading import load_patches  # noqa: E402
+from erase_diffusion.stats import percent  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SINGLE = [*domain.SHAPES, *domain.COLOURS, *domain.STYLES]
@@ -59,9 +60,9 @@ def table_row(row: dict) -> str:
     """One README table row (what each run prints)."""
     kept = "; ".join(f"{o} {100 * v['base']:.0f} → {100 * v['patched']:.0f} %" for o, v in row["kept"].items())
     wn = row["worst_neighbour"]
-    para = pct(row["found_paraphrase"]) if "found_paraphrase" in row else "–"
-    return (f"| {row['set']} | {row['concept']} | {row['method']} | {pct(row['found_named'])} | {para} | "
-            f"{pct(row['found_heldout'])} | {100 * row['retained_base']['rate']:.1f} → {pct(row['retained'])} | "
+    para = percent(row["found_paraphrase"]) if "found_paraphrase" in row else "–"
+    return (f"| {row['set']} | {row['concept']} | {row['method']} | {percent(row['found_named'])} | {para} | "
+            f"{percent(row['found_heldout'])} | {100 * row['retained_base']['rate']:.1f} → {percent(row['retained'])} | "
             f"{wn['class']} {100 * wn['base']:.0f} → {100 * wn['patched']:.0f} % | {kept} | {row['erase_seconds']:.1f} |")
 
 
@@ -96,10 +97,6 @@ def print_table() -> None:
               f"{worst_drop['set']}/{worst_drop['concept']} ({100 * drop(worst_drop):.1f} points), worst kept "
               f"{worst_kept['set']}/{worst_kept['concept']}; misses: "
               + (", ".join(f"{r['set']}/{r['concept']}" for r in misses) or "none"))
-
-
-def pct(r: dict) -> str:
-    return f"{100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f}]"
 
 
 def main():

@@ -86,13 +86,6 @@ def run_cliperase(out_dir: Path, extra_args=()) -> tuple[Path, float, int]:
     return out_dir / "erase_patch.safetensors", seconds, peak
 
 
-def fmt_pct(x, ci=None):
-    """``x`` as a percentage, with its Wilson 95 % interval when there is one."""
-    if x is None:
-        return "–"
-    return f"{100 * x:.1f} %" + ("" if ci is None else f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -124,6 +117,7 @@ def main() -> None:
     from erase_diffusion.models import load_clip, load_judge, load_pipeline
     from erase_diffusion.patch import apply_to_clip
     from erase_diffusion.pipelines.loading import load_patches
+    from erase_diffusion.stats import percent
 
     spec = miniworld_spec(["circle"])
     base = load_pipeline(args.model)
@@ -248,7 +242,7 @@ def main() -> None:
         fid = f"{r['fid_judge']:.2f} ({100 * r['fid_rel']:+.0f} %)" if r["fid_rel"] is not None else f"{r['fid_judge']:.2f}"
         secs = "–" if r["erase_s"] is None else f"{r['erase_s']:.1f} s"
         def pct(key):
-            return fmt_pct(r[key], r["ci95"].get(key))
+            return percent(None if r[key] is None else {"rate": r[key], "ci95": r["ci95"].get(key)})
 
         cells = [r["method"], pct("forget_found"), pct("heldout_found"), pct("retain_shape"), dmg, pct("colour_kept"),
                  mark(r, "fid", fid), mark(r, "paraphrase_asr", pct("paraphrase_asr")),

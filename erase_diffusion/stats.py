@@ -26,6 +26,15 @@ def rate(mask) -> dict:
     return {"rate": k / n if n else float("nan"), "k": k, "n": n, "ci95": [lo, hi]}
 
 
+def percent(r: dict | None) -> str:
+    """A ``rate`` dict as the tables print it: "12.5 % [7–21]" (the Wilson interval in whole points); the rate alone
+    without a "ci95"; "–" for None."""
+    if r is None:
+        return "–"
+    ci = r.get("ci95")
+    return f"{100 * r['rate']:.1f} %" + ("" if ci is None else f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]")
+
+
 def mcnemar(before, after) -> dict:
     """McNemar's exact test (two-sided) of paired flags: how many turned off (lost), turned on (gained), and p."""
     a, b = torch.as_tensor(before, dtype=torch.bool), torch.as_tensor(after, dtype=torch.bool)

@@ -212,3 +212,10 @@ def test_attacks_refuse_bad_budgets_words_and_sdxl():
     xl = sdxl_pipeline()
     with pytest.raises(ValueError, match="SDXL"):
         attacks.soft_prompt_attack(xl, xl, ["a red circle"], "circle", steps=2, progress=False)
+
+
+def test_percent_prints_a_rate_with_its_wilson_interval():
+    from erase_diffusion.stats import percent, rate
+
+    assert percent(rate([True] + [False] * 15)) == "6.2 % [1–28]"
+    assert percent({"rate": 0.5}) == "50.0 %" and percent(None) == "–"

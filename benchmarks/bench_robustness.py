@@ -74,7 +74,7 @@ def row_text(r: dict) -> str:
     attacks = " | ".join(pct(r["attacks"][a]) for a in [*robustness.SUITE, "strongest"])
     colour = s["kept"].get("colour", {}).get("patched")
     return (f"| {r['concept']} | {r['method']} | {pct(s['found_named'])} | {pct(s['found_paraphrase'])} | "
-            f"{100 * s['retained']['rate']:.1f} | {'—' if colour is None else f'{100 * colour:.0f}'} | "
+            f"{pct(s['retained'])} | {'—' if colour is None else f'{100 * colour:.0f}'} | "
             f"{r['fid']:.2f} | {attacks} | {r['erase_seconds']:.0f} | {r['artifact_bytes'] / 1e3:.0f} |")
 
 

@@ -16,6 +16,7 @@ method). Targets (issue 16): found ≤ 5 % (named, paraphrase); retained within 
 
 import argparse
 import json
+from dataclasses import replace
 import sys
 import tempfile
 import time
@@ -106,15 +107,20 @@ def main():
     p.add_argument("--n", type=int, default=64, help="prompts per found set and concept (retained: 2n)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
     p.add_argument("--merge", action="store_true", help="keep the output's rows of the sets not re-run")
-    p.add_argument("--unseen_paraphrases", action="store_true",
-                   help="erasers get the concept's name only; the paraphrase column then measures paraphrases they "
-                        "were not told about (default output: concepts_unseen.json)")
+    p.add_argument("--given_paraphrases", type=int, default=None, metavar="K",
+                   help="erasers get the concept's name and only its first K paraphrases (default: all); the rows "
+                        "then also give the found rate per paraphrase, told or not (default output: "
+                        "concepts_unseen.json for K = 0, concepts_given<K>.json otherwise)")
     p.add_argument("--output", default=None, help="default: results/concepts.json, or one file per single method")
     p.add_argument("--table", action="store_true", help="only print the README table from the committed results")
     args = p.parse_args()
     if args.table:
         return print_table()
-    default = "concepts_unseen.json" if args.unseen_paraphrases else OUTPUTS.get(tuple(args.methods), "concepts.json")
+    given_k = args.given_paraphrases
+    if given_k is not None and given_k < 0:
+        p.error("--given_paraphrases must be 0 or more")
+    default = ({0: "concepts_unseen.json"}.get(given_k, f"concepts_given{given_k}.json") if given_k is not None
+               else OUTPUTS.get(tuple(args.methods), "concepts.json"))
     args.output = args.output or str(RESULTS / default)
     sets = [s.split("+") for s in args.sets]
     for s in sets:  # every name is checked before any model loads
@@ -131,8 +137,9 @@ def main():
         spec = miniworld_spec(concepts)
         card = scorecard.Scorecard(base, judge, spec, n=args.n, n_retained=2 * args.n, steps=args.steps)
         for method in args.methods:
-            # what the eraser is told: the miniature world's paraphrases, or with --unseen_paraphrases none of them
-            given = ConceptSpec(concepts, {c: [] for c in concepts}) if args.unseen_paraphrases else spec
+            # what the eraser is told: the miniature world's paraphrases, or with --given_paraphrases K the first K
+            given = spec if given_k is None else replace(
+                spec, paraphrases={c: spec.paraphrases.get(c, [])[:given_k] for c in concepts})
             with tempfile.TemporaryDirectory() as tmp:
                 patch, seconds = runners[method](given, Path(tmp))
                 pipe = load_pipeline("miniworld")
@@ -142,8 +149,13 @@ def main():
             for concept, row in scorecard.summary(result, spec).items():
                 row.update({"set": "+".join(concepts), "concept": concept, "method": method,
                             "erase_seconds": round(seconds, 2), "paired": result["paired"][concept]})
+                if given_k is not None:
+                    row["given_paraphrases"] = given.paraphrases[concept]
                 rows.append(row)
                 print(table_row(row), flush=True)
+                for word, r in row.get("found_paraphrase_by_word", {}).items():
+                    told = "told" if word in given.paraphrases[concept] else "not told"
+                    print(f"    {word!r} ({told}): found {percent(r)}, n = {r['n']}", flush=True)
             write_json(Path(args.output), {"n": args.n, "steps": args.steps, "rows": rows}, merged_from=old)
     plot(rows, Path(args.output).with_suffix(".png"))
 

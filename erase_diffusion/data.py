@@ -71,7 +71,7 @@ def from_miniworld(spec: ConceptSpec, n: int = 3072, seed: int = 1) -> PairData:
 def _given_words_only(caption: str, spec: ConceptSpec) -> str:
     """``caption`` naming each erased concept only by the words ``spec`` gives: a domain paraphrase the spec does not
     list ("disc" when only "circle" is erased) is written as the concept's name, so that paraphrases an eraser was
-    not told about stay unseen in training (benchmarks/bench_concepts.py --unseen_paraphrases)."""
+    not told about stay unseen in training (benchmarks/bench_concepts.py --given_paraphrases 0)."""
     for concept in spec.erase:
         for word in domain.SYNONYMS.get(concept, ()):
             if word not in spec.words(concept):

@@ -66,6 +66,11 @@ class Scorecard:
                 value = classes(attribute).index(concept)
                 lab = labels[(name, concept)]
                 fig.setdefault(name, {})[concept] = rate(lab[attribute] == value)
+                if name == "paraphrase":  # per word, so that paraphrases the eraser was not told about show apart
+                    words = [c.shape_word for c in cases]
+                    fig.setdefault("paraphrase_by_word", {})[concept] = {
+                        w: rate(lab[attribute][torch.tensor([x == w for x in words])] == value)
+                        for w in dict.fromkeys(words)}
                 if name == "named":  # the other attributes the prompt names: still drawn as asked?
                     for other in ATTRIBUTES:
                         truth = _truth(cases, other)
@@ -107,6 +112,8 @@ def summary(card: dict, spec: ConceptSpec) -> dict:
             if concept in after.get(name, {}):
                 row[f"found_{name}"] = after[name][concept]
                 row[f"found_{name}_base"] = base[name][concept]
+        if concept in after.get("paraphrase_by_word", {}):
+            row["found_paraphrase_by_word"] = after["paraphrase_by_word"][concept]
         row["retained_base"], row["retained"] = base["retained"][attribute], after["retained"][attribute]
         drops = {cls: base["retained_per_class"][attribute][cls]["rate"] - r["rate"]
                  for cls, r in after["retained_per_class"][attribute].items()}

@@ -219,3 +219,21 @@ def test_percent_prints_a_rate_with_its_wilson_interval():
 
     assert percent(rate([True] + [False] * 15)) == "6.2 % [1–28]"
     assert percent({"rate": 0.5}) == "50.0 %" and percent(None) == "–"
+
+
+def test_scorecard_gives_each_paraphrase_its_own_found_rate():
+    # the eraser may be told "disc" and not "round shape": the paraphrase set's rate must split by word
+    from erase_diffusion.scorecard import Scorecard, summary
+
+    spec = miniworld_spec(["circle"])
+    card = Scorecard.__new__(Scorecard)  # no pipeline: the labels below stand in for the judge's
+    card.spec, card.sets = spec, measure.concept_cases(spec, n=8, n_retained=8)
+    circle = measure.classes("shape").index("circle")
+    labels = {}
+    for key, cases in card._all_cases():
+        shape = torch.tensor([circle if c.shape_word == "disc" else (circle + 1) % 8 for c in cases])
+        labels[key] = {"shape": shape, "colour": torch.zeros(len(cases), dtype=torch.long),
+                       "style": torch.zeros(len(cases), dtype=torch.long)}
+    by_word = summary({"base": card._figures(labels), "patched": card._figures(labels)}, spec)["circle"][
+        "found_paraphrase_by_word"]
+    assert {w: (r["k"], r["n"]) for w, r in by_word.items()} == {"disc": (4, 4), "round shape": (0, 4)}

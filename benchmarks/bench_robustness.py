@@ -39,8 +39,8 @@ ADVERSARIAL = dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_tr
 METHODS = ["base", "nullspace", "nullspace_deep", "cliperase", "adversarial", "esd-x", "uce"]
 
 
-def erase(method: str, concept: str, base, work: Path):
-    """(erased pipeline, erase seconds, artifact bytes)."""
+def erase(method: str, concept: str, base, work: Path, seed: int = 0):
+    """(erased pipeline, erase seconds, artifact bytes); ``seed``: CLIPErase's training seed."""
     spec = miniworld_spec([concept])
     t0 = time.perf_counter()
     if method == "base":
@@ -57,7 +57,7 @@ def erase(method: str, concept: str, base, work: Path):
                                 depth=None if method == "nullspace_deep" else nullspace.DEPTH)
     else:
         config = CLIPEraseConfig(output_dir=str(work / method), validation_steps=0, report_to="none",
-                                 eval_generations=0, **(ADVERSARIAL if method == "adversarial" else {}))
+                                 eval_generations=0, seed=seed, **(ADVERSARIAL if method == "adversarial" else {}))
         patch = Path(train(spec, config)["patch"])
     seconds = time.perf_counter() - t0
     pipe = load_pipeline("miniworld")
@@ -72,9 +72,12 @@ def row_text(r: dict) -> str:
 
     s = r["summary"]
     attacks = " | ".join(pct(r["attacks"][a]) for a in [*robustness.SUITE, "strongest"])
-    colour = s["kept"].get("colour", {}).get("patched")
-    return (f"| {r['concept']} | {r['method']} | {pct(s['found_named'])} | {pct(s['found_paraphrase'])} | "
-            f"{pct(s['retained'])} | {'—' if colour is None else f'{100 * colour:.0f}'} | "
+    kept = s["kept"].get("colour")  # rows measured before scorecard.summary kept its interval print the rate alone
+    colour = ("—" if kept is None else pct({**kept, "rate": kept["patched"]}) if "ci95" in kept
+              else f"{100 * kept['patched']:.0f}")
+    method = r["method"] if not r.get("seed") else f"{r['method']}, seed {r['seed']}"
+    return (f"| {r['concept']} | {method} | {pct(s['found_named'])} | {pct(s['found_paraphrase'])} | "
+            f"{pct(s['retained'])} | {colour} | "
             f"{r['fid']:.2f} | {attacks} | {r['erase_seconds']:.0f} | {r['artifact_bytes'] / 1e3:.0f} |")
 
 
@@ -87,7 +90,8 @@ def print_table(path: Path) -> None:
     """The README table from the committed results, rows in METHODS order."""
     rows = json.loads(path.read_text())["rows"]
     print(HEADER)
-    for r in sorted(rows, key=lambda r: (r["concept"] != "circle", r["concept"], METHODS.index(r["method"]))):
+    for r in sorted(rows, key=lambda r: (r["concept"] != "circle", r["concept"], METHODS.index(r["method"]),
+                                         r.get("seed", 0))):
         print(row_text(r))
 
 
@@ -97,6 +101,8 @@ def main():
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--n", type=int, default=64, help="attacked prompts per attack, found prompts per set (retained 2n)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="CLIPErase's training seeds (one row each; the other methods are deterministic: first only)")
     p.add_argument("--double_budget", action="store_true", help="also run the suite at twice the steps and restarts")
     p.add_argument("--merge", action="store_true", help="keep the output's rows not re-run (re-read at every write)")
     p.add_argument("--output", default=str(RESULTS / "robustness.json"))
@@ -111,20 +117,22 @@ def main():
     base.set_progress_bar_config(disable=True)
     real = held_out_dataset(512).float_images()
     rows = []
-    mine = {(c, m) for c in args.concepts for m in args.methods}
+    trains = ("cliperase", "adversarial")
+    runs = [(m, s) for m in args.methods for s in (args.seeds if m in trains else args.seeds[:1])]
+    mine = {(c, m, s) for c in args.concepts for m, s in runs}
 
     def save():
         write_rows(args.output, {"n": args.n, "steps": args.steps, "suite": robustness.SUITE,
                                  "budget": robustness.BUDGET, "adversarial": ADVERSARIAL}, rows,
-                   rerun=lambda r: (r["concept"], r["method"]) in mine, merge=args.merge)
+                   rerun=lambda r: (r["concept"], r["method"], r.get("seed", 0)) in mine, merge=args.merge)
 
     print(HEADER)
     for concept in args.concepts:
         spec = miniworld_spec([concept])
         card = scorecard.Scorecard(base, judge, spec, n=args.n, n_retained=2 * args.n, steps=args.steps)
-        for method in args.methods:
+        for method, seed in runs:
             with tempfile.TemporaryDirectory() as tmp:
-                pipe, seconds, size = erase(method, concept, base, Path(tmp))
+                pipe, seconds, size = erase(method, concept, base, Path(tmp), seed)
                 summary = scorecard.summary(card.score(pipe), spec)[concept]
                 retained = generate(pipe, [c.prompt for c in card.sets["retained"]], seed=0, steps=args.steps)
                 fid = judge_fid_kid(judge, real, retained)["fid_judge"]
@@ -134,8 +142,9 @@ def main():
                                          for k, v in robustness.BUDGET.items()}
                 attacks = {name: robustness.attack_suite(base, pipe, concept, judge, n=args.n, budget=b,
                                                           steps=args.steps) for name, b in budgets.items()}
-            row = {"concept": concept, "method": method, "summary": summary, "fid": fid, "erase_seconds": seconds,
-                   "artifact_bytes": size, "attacks": attacks["budget"], "attacks_double_budget": attacks.get("double")}
+            row = {"concept": concept, "method": method, "seed": seed, "summary": summary, "fid": fid,
+                   "erase_seconds": seconds, "artifact_bytes": size, "attacks": attacks["budget"],
+                   "attacks_double_budget": attacks.get("double")}
             rows.append(row)
             print(row_text(row), flush=True)
             save()

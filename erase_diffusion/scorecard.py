@@ -121,7 +121,8 @@ def summary(card: dict, spec: ConceptSpec) -> dict:
         row["worst_neighbour"] = {"class": worst, "base": base["retained_per_class"][attribute][worst]["rate"],
                                   "patched": after["retained_per_class"][attribute][worst]["rate"]}
         row["kept"] = {o: {"base": base["kept"][concept][o]["rate"], "patched": r["rate"],
-                           "ratio": r["rate"] / max(base["kept"][concept][o]["rate"], 1e-9)}
+                           "ratio": r["rate"] / max(base["kept"][concept][o]["rate"], 1e-9), "n": r["n"],
+                           "ci95": r["ci95"]}
                        for o, r in after.get("kept", {}).get(concept, {}).items()}
         rows[concept] = row
     return rows

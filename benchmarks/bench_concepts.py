@@ -119,8 +119,8 @@ def main():
     given_k = args.given_paraphrases
     if given_k is not None and given_k < 0:
         p.error("--given_paraphrases must be 0 or more")
-    default = ({0: "concepts_unseen.json"}.get(given_k, f"concepts_given{given_k}.json") if given_k is not None
-               else OUTPUTS.get(tuple(args.methods), "concepts.json"))
+    default = ({0: "concepts_unseen.json", 1: "concepts_given1.json"}.get(given_k, f"concepts_given{given_k}.json")
+               if given_k is not None else OUTPUTS.get(tuple(args.methods), "concepts.json"))
     args.output = args.output or str(RESULTS / default)
     sets = [s.split("+") for s in args.sets]
     for s in sets:  # every name is checked before any model loads

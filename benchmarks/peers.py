@@ -57,8 +57,12 @@ def _concept_latents(pipe, concept: str, n: int = 64, seed: int = 0) -> torch.Te
 
 
 def esd_x(pipe, concept: str = "circle", *, steps: int = 300, lr: float = 1e-4, eta: float = 1.0, batch: int = 4,
-          time_budget_s: float = 180.0, seed: int = 0, progress: bool = True):
-    """ESD-x on a copy of ``pipe.unet``. Returns (erased pipeline, stats)."""
+          train_on: str = "captions", time_budget_s: float = 180.0, seed: int = 0, progress: bool = True):
+    """ESD-x on a copy of ``pipe.unet``. Returns (erased pipeline, stats). ``train_on``: "word" conditions on the
+    concept's name alone, as the paper does ("Van Gogh"); "captions" on captions naming it with a colour and a style,
+    whose negative guidance also pushes away from the colour and style they name."""
+    if train_on not in ("word", "captions"):
+        raise ValueError(f"train_on must be 'word' or 'captions', got {train_on!r}")
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -71,7 +75,7 @@ def esd_x(pipe, concept: str = "circle", *, steps: int = 300, lr: float = 1e-4, 
     for p in trainable.values():
         p.requires_grad_(True)
     opt = torch.optim.Adam(trainable.values(), lr=lr)
-    prompts = concept_prompts(concept)
+    prompts = concept_prompts(concept) if train_on == "captions" else [concept]
     with torch.no_grad():
         cond = pipe.text_encoder(tokenize(pipe.tokenizer, prompts))[0]
         uncond = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0]
@@ -103,7 +107,7 @@ def esd_x(pipe, concept: str = "circle", *, steps: int = 300, lr: float = 1e-4, 
     unet.eval()
     for p in unet.parameters():
         p.requires_grad_(False)
-    stats = {"steps": done, "requested_steps": steps, "lr": lr, "eta": eta, "batch": batch,
+    stats = {"steps": done, "requested_steps": steps, "lr": lr, "eta": eta, "batch": batch, "train_on": train_on,
              "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
              "seconds": time.perf_counter() - t0,
              "artifact_bytes": sum(p.numel() * p.element_size() for p in trainable.values()),

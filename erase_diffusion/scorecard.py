@@ -11,10 +11,13 @@ patch's):
 - ``retained``: prompts that name no erased concept (accuracy of the erased attribute, per class).
 
 "found" = share of generations in which the judge sees an erased value; "kept" = the judged accuracy of the *other*
-attributes on prompts naming the erased concept, relative to base (erasing a shape must not lose the colour).
+attributes on prompts naming the erased concept, relative to base (erasing a shape must not lose the colour);
+"drawn_as" = what the named prompts are drawn as (counts of the judged value of the erased attribute).
 """
 
 from __future__ import annotations
+
+import collections
 
 import torch
 
@@ -71,7 +74,9 @@ class Scorecard:
                     fig.setdefault("paraphrase_by_word", {})[concept] = {
                         w: rate(lab[attribute][torch.tensor([x == w for x in words])] == value)
                         for w in dict.fromkeys(words)}
-                if name == "named":  # the other attributes the prompt names: still drawn as asked?
+                if name == "named":  # what the erased concept becomes, and are the other attributes drawn as asked?
+                    drawn = collections.Counter(classes(attribute)[i] for i in lab[attribute].tolist())
+                    fig.setdefault("drawn_as", {})[concept] = dict(drawn.most_common())
                     for other in ATTRIBUTES:
                         truth = _truth(cases, other)
                         if other != attribute and (truth >= 0).any():
@@ -112,6 +117,7 @@ def summary(card: dict, spec: ConceptSpec) -> dict:
             if concept in after.get(name, {}):
                 row[f"found_{name}"] = after[name][concept]
                 row[f"found_{name}_base"] = base[name][concept]
+        row["drawn_as"], row["drawn_as_base"] = after["drawn_as"][concept], base["drawn_as"][concept]
         if concept in after.get("paraphrase_by_word", {}):
             row["found_paraphrase_by_word"] = after["paraphrase_by_word"][concept]
         row["retained_base"], row["retained"] = base["retained"][attribute], after["retained"][attribute]

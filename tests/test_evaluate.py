@@ -237,3 +237,19 @@ def test_scorecard_gives_each_paraphrase_its_own_found_rate():
     by_word = summary({"base": card._figures(labels), "patched": card._figures(labels)}, spec)["circle"][
         "found_paraphrase_by_word"]
     assert {w: (r["k"], r["n"]) for w, r in by_word.items()} == {"disc": (4, 4), "round shape": (0, 4)}
+
+
+def test_scorecard_says_what_the_erased_prompts_are_drawn_as():
+    from erase_diffusion.scorecard import Scorecard, summary
+
+    spec = miniworld_spec(["circle"])
+    card = Scorecard.__new__(Scorecard)
+    card.spec, card.sets = spec, measure.concept_cases(spec, n=8, n_retained=8)
+    shapes = measure.classes("shape")
+    labels = {key: {"shape": torch.tensor([shapes.index("star")] * 6 + [shapes.index("circle")] * (len(cases) - 6)),
+                    "colour": torch.zeros(len(cases), dtype=torch.long),
+                    "style": torch.zeros(len(cases), dtype=torch.long)}
+              for key, cases in card._all_cases()}
+    row = summary({"base": card._figures(labels), "patched": card._figures(labels)}, spec)["circle"]
+    assert row["drawn_as"] == {"star": 6, "circle": 2} == row["drawn_as_base"]
+    assert row["found_named"]["k"] == 2

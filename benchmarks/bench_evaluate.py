@@ -93,8 +93,6 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["base", "nullspace", "cliperase", "esd-x", "uce"])
     ap.add_argument("--cliperase_patch", default=None, help="reuse a CLIPErase patch instead of training one")
     ap.add_argument("--model", default="miniworld", help="pipeline (default: the bundled miniature world)")
-    ap.add_argument("--esd_steps", type=int, default=500)
-    ap.add_argument("--esd_lr", type=float, default=1e-4)
     ap.add_argument("--esd_budget_s", type=float, default=180.0)
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of methods not re-run from an existing --output (same settings assumed)")
@@ -166,8 +164,7 @@ def main() -> None:
                     "artifact_bytes": patch.stat().st_size, "patch": str(patch)}
         elif method == "esd-x":
             with PeakRSS() as mem:
-                erased, st = esd_x(base, "circle", steps=args.esd_steps, lr=args.esd_lr,
-                                     time_budget_s=args.esd_budget_s)
+                erased, st = esd_x(base, "circle", time_budget_s=args.esd_budget_s)  # peers.py's tuned defaults
             cost = {"erase_s": st["seconds"], "peak_bytes": mem.extra, "artifact_bytes": st["artifact_bytes"],
                     "esd": st}
         elif method == "uce":

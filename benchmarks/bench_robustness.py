@@ -48,7 +48,7 @@ def erase(method: str, concept: str, base, work: Path, seed: int = 0):
         return base, 0.0, 0
     if method in ("esd-x", "uce"):
         if method == "esd-x":
-            pipe, stats = esd_x(base, concept, steps=500, time_budget_s=180.0, progress=False)
+            pipe, stats = esd_x(base, concept, time_budget_s=180.0, progress=False)
         else:  # the anchor our methods get by default (the least similar sibling), not a hand-picked one
             anchor = miniworld_anchors(base.text_encoder, base.tokenizer, [concept])[concept]
             pipe, stats = uce(base, concept, anchor=anchor)

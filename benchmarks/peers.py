@@ -10,7 +10,9 @@
   encoder's states before it do not carry the concept), a = the same positions of the anchor prompt ("shape" in place
   of the concept), and preserved keys k = all token states of prompts of the other classes.
 
-Both return a new pipeline sharing every module but the UNet with the input pipeline.
+Both return a new pipeline sharing every module but the UNet with the input pipeline. Their defaults (ESD-x: captions,
+lr 3e-5, 500 steps; UCE: λ = 100) were chosen by ``bench_peer_tuning.py``, by the rule our own defaults meet
+(``results/peer_tuning.json``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def _concept_latents(pipe, concept: str, n: int = 64, seed: int = 0) -> torch.Te
     return lat * pipe.vae.config.scaling_factor
 
 
-def esd_x(pipe, concept: str = "circle", *, steps: int = 300, lr: float = 1e-4, eta: float = 1.0, batch: int = 4,
+def esd_x(pipe, concept: str = "circle", *, steps: int = 500, lr: float = 3e-5, eta: float = 1.0, batch: int = 4,
           train_on: str = "captions", time_budget_s: float = 180.0, seed: int = 0, progress: bool = True):
     """ESD-x on a copy of ``pipe.unet``. Returns (erased pipeline, stats). ``train_on``: "word" conditions on the
     concept's name alone, as the paper does ("Van Gogh"); "captions" on captions naming it with a colour and a style,
@@ -116,7 +118,7 @@ def esd_x(pipe, concept: str = "circle", *, steps: int = 300, lr: float = 1e-4, 
 
 
 @torch.no_grad()
-def uce(pipe, concept: str = "circle", *, anchor: str = "shape", preserve_scale: float = 1.0, seed: int = 0):
+def uce(pipe, concept: str = "circle", *, anchor: str = "shape", preserve_scale: float = 100.0, seed: int = 0):
     """UCE closed-form edit of every attn2 to_k/to_v on a copy of ``pipe.unet``. Returns (erased pipeline, stats)."""
     from erase_diffusion.attacks import replace_word
 

@@ -167,7 +167,7 @@ def test_cliperase_time_is_the_runs_own_measurement(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["bench_robustness.py", "bench_adversarial.py", "bench_evaluate.py", "bench_scale.py",
-                                    "bench_drawn_as.py"])
+                                    "bench_drawn_as.py", "bench_peer_tuning.py"])
 def test_readme_tables_are_the_benchmarks_own(script):
     """The tables these benchmarks print from their committed JSON (``--table``) appear in README.md row for row."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--table"], capture_output=True,

@@ -33,7 +33,7 @@ from erase_diffusion.concepts import miniworld_attribute, miniworld_spec  # noqa
 from erase_diffusion.measure import classes, concept_cases, generate  # noqa: E402
 from erase_diffusion.miniworld import domain  # noqa: E402
 from erase_diffusion.models import load_judge, load_pipeline  # noqa: E402
-from erase_diffusion.stats import percent, rate, wilson  # noqa: E402
+from erase_diffusion.stats import percent, pooled, rate  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ["nullspace", "cliperase", "adversarial"]
@@ -67,10 +67,9 @@ def print_table(path: Path) -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
         runs = [r["colour_kept"] for r in rows if r["method"] == method]
         if len(runs) > 1:  # one training run cannot tell a seed's luck from the recipe: pool the seeds
-            k, n = sum(x["k"] for x in runs), sum(x["n"] for x in runs)
-            lo, hi = wilson(k, n)
-            print(f"{method}, {len(runs)} training seeds pooled: colour kept {k} of {n}, "
-                  f"{100 * k / n:.1f} % [{100 * lo:.1f}–{100 * hi:.1f}]")
+            r = pooled(runs)
+            print(f"{method}, {len(runs)} training seeds pooled: colour kept {r['k']} of {r['n']}, "
+                  f"{100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.1f}–{100 * r['ci95'][1]:.1f}]")
 
 
 def main():

@@ -29,8 +29,8 @@ from erase_diffusion.config import CLIPEraseConfig  # noqa: E402
 from erase_diffusion.measure import generate, held_out_dataset, judge_fid_kid  # noqa: E402
 from erase_diffusion.models import load_judge, load_pipeline  # noqa: E402
 from erase_diffusion.pipelines.loading import load_patches  # noqa: E402
+from erase_diffusion.stats import pooled  # noqa: E402
 from erase_diffusion.training import run as train  # noqa: E402
-from erase_diffusion.stats import wilson  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # adversarial CLIPErase's recipe (the README's command; chosen by bench_adversarial and the README's "Budget" runs)
@@ -99,10 +99,9 @@ def print_table(path: Path) -> None:
         groups.setdefault((r["concept"], r["method"]), []).append(r["attacks"]["strongest"])
     for (concept, method), runs in groups.items():
         if len(runs) > 1:  # one training run cannot tell a seed's luck from the recipe: pool the seeds
-            k, n = sum(x["k"] for x in runs), sum(x["n"] for x in runs)
-            lo, hi = wilson(k, n)
-            print(f"{concept}, {method}, {len(runs)} training seeds pooled: strongest attack {k} of {n} attacked "
-                  f"prompts, {100 * k / n:.1f} % [{100 * lo:.1f}–{100 * hi:.1f}]")
+            r = pooled(runs)
+            print(f"{concept}, {method}, {len(runs)} training seeds pooled: strongest attack {r['k']} of {r['n']} "
+                  f"attacked prompts, {100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.1f}–{100 * r['ci95'][1]:.1f}]")
 
 
 def main():

@@ -26,6 +26,12 @@ def rate(mask) -> dict:
     return {"rate": k / n if n else float("nan"), "k": k, "n": n, "ci95": [lo, hi]}
 
 
+def pooled(rates: list[dict]) -> dict:
+    """Several ``rate`` dicts of independent runs (training seeds) as one rate over all their prompts."""
+    k, n = sum(r["k"] for r in rates), sum(r["n"] for r in rates)
+    return {"rate": k / n if n else float("nan"), "k": k, "n": n, "ci95": list(wilson(k, n))}
+
+
 def percent(r: dict | None) -> str:
     """A ``rate`` dict as the tables print it: "12.5 % [7–21]" (the Wilson interval in whole points); the rate alone
     without a "ci95"; "–" for None."""

@@ -221,6 +221,13 @@ def test_percent_prints_a_rate_with_its_wilson_interval():
     assert percent({"rate": 0.5}) == "50.0 %" and percent(None) == "–"
 
 
+def test_pooled_seeds_are_one_rate_over_all_their_prompts():
+    from erase_diffusion.stats import pooled, rate
+
+    r = pooled([rate([True] * 9 + [False] * 55), rate([True] * 3 + [False] * 61), rate([True] * 5 + [False] * 59)])
+    assert (r["k"], r["n"]) == (17, 192) and r == rate([True] * 17 + [False] * 175)
+
+
 def test_scorecard_gives_each_paraphrase_its_own_found_rate():
     # the eraser may be told "disc" and not "round shape": the paraphrase set's rate must split by word
     from erase_diffusion.scorecard import Scorecard, summary

@@ -96,12 +96,15 @@ def print_table(path: Path) -> None:
         print(row_text(r))
     groups = {}
     for r in rows:
-        groups.setdefault((r["concept"], r["method"]), []).append(r["attacks"]["strongest"])
-    for (concept, method), runs in groups.items():
+        for budget, key in (("the suite's budget", "attacks"), ("twice the budget", "attacks_double_budget")):
+            if r.get(key):
+                groups.setdefault((r["concept"], r["method"], budget), []).append(r[key]["strongest"])
+    for (concept, method, budget), runs in groups.items():
         if len(runs) > 1:  # one training run cannot tell a seed's luck from the recipe: pool the seeds
             r = pooled(runs)
-            print(f"{concept}, {method}, {len(runs)} training seeds pooled: strongest attack {r['k']} of {r['n']} "
-                  f"attacked prompts, {100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.1f}–{100 * r['ci95'][1]:.1f}]")
+            print(f"{concept}, {method}, {len(runs)} training seeds pooled, {budget}: strongest attack {r['k']} of "
+                  f"{r['n']} attacked prompts, {100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.1f}–"
+                  f"{100 * r['ci95'][1]:.1f}]")
 
 
 def main():

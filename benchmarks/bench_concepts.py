@@ -57,6 +57,12 @@ def run_nullspace(spec: ConceptSpec, out: Path) -> tuple[Path, float]:
     return path, time.perf_counter() - t0
 
 
+def run_stacked(spec: ConceptSpec, out: Path) -> tuple[list[Path], float]:
+    """Both patches loaded together (``load_patches`` takes a list): CLIPErase's, then the closed form's."""
+    (a, ta), (b, tb) = run_cliperase(spec, out / "cliperase"), run_nullspace(spec, out)
+    return [a, b], ta + tb
+
+
 def table_row(row: dict) -> str:
     """One README table row (what each run prints)."""
     kept = "; ".join(f"{o} {100 * v['base']:.0f} → {100 * v['patched']:.0f} %" for o, v in row["kept"].items())
@@ -102,11 +108,12 @@ def print_table() -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", nargs="+", default=["nullspace", "cliperase"], choices=["nullspace", "cliperase"])
+    p.add_argument("--methods", nargs="+", default=["nullspace", "cliperase"],
+                   choices=["nullspace", "cliperase", "cliperase+nullspace"])
     p.add_argument("--sets", nargs="+", default=SINGLE + MULTI, help="concepts; '+' joins a multi-concept set")
     p.add_argument("--n", type=int, default=64, help="prompts per found set and concept (retained: 2n)")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
-    p.add_argument("--merge", action="store_true", help="keep the output's rows of the sets not re-run")
+    p.add_argument("--merge", action="store_true", help="keep the output's rows of the (set, method) pairs not re-run")
     p.add_argument("--given_paraphrases", type=int, default=None, metavar="K",
                    help="erasers get the concept's name and only its first K paraphrases (default: all); the rows "
                         "then also give the found rate per paraphrase, told or not (default output: "
@@ -128,11 +135,12 @@ def main():
 
     base, judge = load_pipeline("miniworld"), load_judge("miniworld")
     base.set_progress_bar_config(disable=True)
-    runners = {"nullspace": run_nullspace, "cliperase": run_cliperase}
+    runners = {"nullspace": run_nullspace, "cliperase": run_cliperase, "cliperase+nullspace": run_stacked}
     rows, old = [], None
     if args.merge and Path(args.output).is_file():
         old = json.loads(Path(args.output).read_text())
-        rows = [r for r in old["rows"] if r["set"] not in {"+".join(c) for c in sets}]
+        rerun = {("+".join(c), m) for c in sets for m in args.methods}
+        rows = [r for r in old["rows"] if (r["set"], r["method"]) not in rerun]
     for concepts in sets:
         spec = miniworld_spec(concepts)
         card = scorecard.Scorecard(base, judge, spec, n=args.n, n_retained=2 * args.n, steps=args.steps)
@@ -141,10 +149,10 @@ def main():
             given = spec if given_k is None else replace(
                 spec, paraphrases={c: spec.paraphrases.get(c, [])[:given_k] for c in concepts})
             with tempfile.TemporaryDirectory() as tmp:
-                patch, seconds = runners[method](given, Path(tmp))
+                patches, seconds = runners[method](given, Path(tmp))
                 pipe = load_pipeline("miniworld")
                 pipe.set_progress_bar_config(disable=True)
-                load_patches(pipe, [patch])
+                load_patches(pipe, patches)
                 result = card.score(pipe)
             for concept, row in scorecard.summary(result, spec).items():
                 row.update({"set": "+".join(concepts), "concept": concept, "method": method,
@@ -169,7 +177,7 @@ def plot(rows: list[dict], path: Path) -> None:
     from erase_diffusion.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for method, marker in (("nullspace", "o"), ("cliperase", "s")):
+    for method, marker in (("nullspace", "o"), ("cliperase", "s"), ("cliperase+nullspace", "^")):
         sel = [r for r in rows if r["method"] == method]
         if sel:
             x = [100 * r["found_named"]["rate"] for r in sel]

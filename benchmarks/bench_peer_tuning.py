@@ -97,7 +97,8 @@ def main():
         rows.append({"peer": peer, "setting": setting, "seconds": seconds, "stats": stats,
                      "summary": scorecard.summary(card.score(pipe), spec)[args.concept]})
         print(row_text(rows[-1], False), flush=True)
-        chosen = {q: choose([r for r in rows if r["peer"] == q])["setting"] for q in dict.fromkeys(r["peer"] for r in rows)}
+        chosen = {q: choose([r for r in rows if r["peer"] == q])["setting"]
+                  for q in dict.fromkeys(r["peer"] for r in rows)}
         write_json(Path(args.output), {"concept": args.concept, "anchor": anchor, "n": args.n, "prompt_seed": 7,
                                        "chosen": chosen, "rows": rows})
     print("chosen:", chosen)

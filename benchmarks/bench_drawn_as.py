@@ -108,7 +108,8 @@ def main():
 
     print(HEADER)
     add("base", base, prompts)
-    add(f"base, '{anchor}' in place of '{args.concept}'", base, [domain.with_articles(p.replace(args.concept, anchor)) for p in prompts])
+    add(f"base, '{anchor}' in place of '{args.concept}'", base,
+        [domain.with_articles(q.replace(args.concept, anchor)) for q in prompts])
     for method in args.methods:
         for seed in (args.seeds if method in ("cliperase", "adversarial") else [None]):
             with tempfile.TemporaryDirectory() as tmp:

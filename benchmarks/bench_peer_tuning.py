@@ -79,6 +79,8 @@ def main():
     if args.table:
         return print_table(Path(args.output))
     spec = miniworld_spec([args.concept])  # checked before any model loads
+    if args.n < 1:
+        p.error("--n must be at least 1")
 
     base, judge = load_pipeline("miniworld"), load_judge("miniworld")
     base.set_progress_bar_config(disable=True)

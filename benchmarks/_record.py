@@ -15,6 +15,7 @@ written), both UTC ISO 8601; ``merged_from``: the meta of the file whose rows we
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -24,6 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from erase_diffusion.atomic import write_json as _write_json
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTED = datetime.now(timezone.utc)
@@ -69,6 +75,22 @@ def write_rows(path, figures: dict, rows: list[dict], *, rerun, merge: bool) -> 
     """``write_json`` of ``{**figures, "rows": rows}``; with ``merge`` the file at ``path`` is re-read at every call
     and its rows for which ``rerun(row)`` is false are kept, so runs of other concepts or variants can share it."""
     path = Path(path)
-    old = json.loads(path.read_text()) if merge and path.is_file() else None
-    kept = [r for r in (old or {}).get("rows", []) if not rerun(r)]
-    return write_json(path, {**figures, "rows": kept + rows}, merged_from=old)
+    with _locked(path.parent):  # two runs merging into one file must not drop each other's rows
+        old = json.loads(path.read_text()) if merge and path.is_file() else None
+        kept = [r for r in (old or {}).get("rows", []) if not rerun(r)]
+        return write_json(path, {**figures, "rows": kept + rows}, merged_from=old)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """An exclusive ``flock`` on ``directory`` (no lock file left behind); a no-op where ``fcntl`` is missing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -79,7 +79,7 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="CLIPErase's training seeds (one row each)")
     p.add_argument("--n", type=int, default=192, help="prompts naming the concept")
     p.add_argument("--steps", type=int, default=10, help="sampling steps per generation")
-    p.add_argument("--merge", action="store_true", help="keep the output's rows of other concepts")
+    p.add_argument("--merge", action="store_true", help="keep the rows not re-run (other concepts, methods)")
     p.add_argument("--output", default=str(RESULTS / "drawn_as.json"))
     p.add_argument("--table", action="store_true", help="only print the README table from --output")
     args = p.parse_args()
@@ -99,12 +99,15 @@ def main():
     truth = torch.tensor([classes("colour").index(c.colour) for c in cases])
     rows = []
 
+    def rerun(r):  # the rows this run writes: the base rows and the methods asked for
+        return r["concept"] == args.concept and (r["method"] not in METHODS or r["method"] in args.methods)
+
     def add(method, pipe, ps, seed=None):
         rows.append({"concept": args.concept, "anchor": anchor, "method": method, "seed": seed,
                      **judge_row(judge, pipe, ps, truth, args.steps)})
         print(row_text(rows[-1]), flush=True)
         write_rows(args.output, {"n": args.n, "steps": args.steps}, rows,
-                   rerun=lambda r: r["concept"] == args.concept, merge=args.merge)
+                   rerun=rerun, merge=args.merge)
 
     print(HEADER)
     add("base", base, prompts)

@@ -34,7 +34,8 @@ from erase_diffusion.training import run as train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # adversarial CLIPErase's recipe (the README's command; chosen by bench_adversarial and the README's "Budget" runs)
-ADVERSARIAL = dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4)
+ADVERSARIAL = dict(adversarial_weight=2.0, token_consistency_weight=30.0, max_train_steps=400, rank=4,
+                   adversarial_steps=16)
 # nullspace_deep: the closed form on the fc2 of every encoder layer (nullspace.erase depth=None), issue 12's question
 # whether editing more than one layer resists the attacks
 METHODS = ["base", "nullspace", "nullspace_deep", "cliperase", "adversarial", "esd-x", "uce"]

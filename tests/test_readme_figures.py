@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -145,6 +146,28 @@ def test_record_writes_the_meta_block(tmp_path, monkeypatch):
     assert meta["started"] <= meta["finished"] and meta["finished"].endswith("+00:00")
     _record.write_json(tmp_path / "y.json", {"x": 2}, merged_from=out)
     assert json.loads((tmp_path / "y.json").read_text())["meta"]["merged_from"] == meta
+
+
+def test_two_runs_merging_into_one_file_keep_each_others_rows(tmp_path):
+    """Two benchmark runs (e.g. two concepts on two cores) write_rows(merge=True) into one file, row by row."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _record
+
+    path = tmp_path / "r.json"
+
+    def run(name):
+        rows = []
+        for i in range(15):
+            rows.append({"run": name, "i": i})
+            _record.write_rows(path, {}, rows, rerun=lambda r: r["run"] == name, merge=True)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = json.loads(path.read_text())["rows"]
+    assert sorted((r["run"], r["i"]) for r in rows) == [(name, i) for name in "ab" for i in range(15)]
 
 
 @pytest.mark.parametrize("scale, fmt, value, text", [("%", "{:.1f} %", 0.9652777, "96.5 %"),

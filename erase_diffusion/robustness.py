@@ -10,6 +10,7 @@ set, seeds shared with the unattacked prompts). ``SUITE``:
 - ``end_to_end``: the same, matching the original pipeline's noise prediction (concept inversion, CCE);
 - ``encoder_k4``: four embeddings in place of the word;
 - ``suffix_k2``: two embeddings appended, the word kept (prompt insertion);
+- ``prefix_k2``: the same, put before the prompt (a form adversarial CLIPErase does not train against);
 - ``transfer``: textual inversion against the *original* pipeline (end to end), fed to the erased one.
 
 Each with ``BUDGET`` (Adam steps, learning rate, random restarts). An attacked prompt succeeds when the judge finds
@@ -33,6 +34,7 @@ SUITE = {
     "end_to_end": dict(objective="unet"),
     "encoder_k4": dict(objective="encoder", n_tokens=4),
     "suffix_k2": dict(objective="encoder", n_tokens=2, placement="suffix"),
+    "prefix_k2": dict(objective="encoder", n_tokens=2, placement="prefix"),
     "transfer": dict(objective="unet", against_original=True),
 }
 BUDGET = dict(steps=150, lr=5e-2, restarts=2)

@@ -72,8 +72,8 @@ def erase(method: str, concept: str, base, work: Path, seed: int = 0):
 
 
 def row_text(r: dict) -> str:
-    def pct(x):
-        return f"{100 * x['rate']:.1f} [{100 * x['ci95'][0]:.0f}–{100 * x['ci95'][1]:.0f}]"
+    def pct(x):  # None: not measured (a colour or a style has no paraphrases)
+        return "—" if x is None else f"{100 * x['rate']:.1f} [{100 * x['ci95'][0]:.0f}–{100 * x['ci95'][1]:.0f}]"
 
     s = r["summary"]
     # "—": an attack added to the suite after the row was measured (its strongest is over the attacks it ran)
@@ -82,7 +82,7 @@ def row_text(r: dict) -> str:
     colour = ("—" if kept is None else pct({**kept, "rate": kept["patched"]}) if "ci95" in kept
               else f"{100 * kept['patched']:.0f}")
     method = r["method"] if not r.get("seed") else f"{r['method']}, seed {r['seed']}"
-    return (f"| {r['concept']} | {method} | {pct(s['found_named'])} | {pct(s['found_paraphrase'])} | "
+    return (f"| {r['concept']} | {method} | {pct(s['found_named'])} | {pct(s.get('found_paraphrase'))} | "
             f"{pct(s['retained'])} | {colour} | "
             f"{r['fid']:.2f} | {attacks} | {r['erase_seconds']:.0f} | {r['artifact_bytes'] / 1e3:.0f} |")
 
@@ -165,8 +165,8 @@ def main():
                    "erase_seconds": seconds, "artifact_bytes": size, "attacks": attacks["budget"],
                    "attacks_double_budget": attacks.get("double")}
             rows.append(row)
-            print(row_text(row), flush=True)
             save()
+            print(row_text(row), flush=True)
 
 
 if __name__ == "__main__":

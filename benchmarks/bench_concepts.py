@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import erase_diffusion  # noqa: E402,F401  # sets the thread guard before torch loads
 
-from benchmarks._record import write_json  # noqa: E402
+from benchmarks._record import write_rows  # noqa: E402
 from erase_diffusion import nullspace, scorecard  # noqa: E402
 from erase_diffusion.concepts import ConceptSpec, miniworld_spec  # noqa: E402
 from erase_diffusion.config import CLIPEraseConfig  # noqa: E402
@@ -136,11 +136,7 @@ def main():
     base, judge = load_pipeline("miniworld"), load_judge("miniworld")
     base.set_progress_bar_config(disable=True)
     runners = {"nullspace": run_nullspace, "cliperase": run_cliperase, "cliperase+nullspace": run_stacked}
-    rows, old = [], None
-    if args.merge and Path(args.output).is_file():
-        old = json.loads(Path(args.output).read_text())
-        rerun = {("+".join(c), m) for c in sets for m in args.methods}
-        rows = [r for r in old["rows"] if (r["set"], r["method"]) not in rerun]
+    rows, mine = [], {("+".join(c), m) for c in sets for m in args.methods}
     for concepts in sets:
         spec = miniworld_spec(concepts)
         card = scorecard.Scorecard(base, judge, spec, n=args.n, n_retained=2 * args.n, steps=args.steps)
@@ -164,8 +160,9 @@ def main():
                 for word, r in row.get("found_paraphrase_by_word", {}).items():
                     told = "told" if word in given.paraphrases[concept] else "not told"
                     print(f"    {word!r} ({told}): found {percent(r)}, n = {r['n']}", flush=True)
-            write_json(Path(args.output), {"n": args.n, "steps": args.steps, "rows": rows}, merged_from=old)
-    plot(rows, Path(args.output).with_suffix(".png"))
+            write_rows(args.output, {"n": args.n, "steps": args.steps}, rows,
+                       rerun=lambda r: (r["set"], r["method"]) in mine, merge=args.merge)
+    plot(json.loads(Path(args.output).read_text())["rows"], Path(args.output).with_suffix(".png"))
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -77,7 +77,7 @@ def row_text(r: dict) -> str:
 
     s = r["summary"]
     # "—": an attack added to the suite after the row was measured (its strongest is over the attacks it ran)
-    attacks = " | ".join(pct(r["attacks"][a]) if a in r["attacks"] else "—" for a in [*robustness.SUITE, "strongest"])
+    attacks = " | ".join(pct(r["attacks"].get(a)) for a in [*robustness.SUITE, "strongest"])
     kept = s["kept"].get("colour")  # rows measured before scorecard.summary kept its interval print the rate alone
     colour = ("—" if kept is None else pct({**kept, "rate": kept["patched"]}) if "ci95" in kept
               else f"{100 * kept['patched']:.0f}")

@@ -177,13 +177,14 @@ def encode_read(model, tokenizer, texts: list[str], device, layer: int = -1, poo
 
 
 def initial_attacks(table: torch.Tensor, seed: int) -> torch.Tensor:
-    """Adversarial CLIPErase's attack embeddings at the start, (restarts × forms, ``ADV_TOKENS``, D): the
-    token-embedding table's mean plus per-coordinate noise of its spread (the evaluation's attack starts from the
-    mean)."""
+    """Adversarial CLIPErase's attack embeddings at the start, (restarts × forms, ``ADV_TOKENS``, D): random rows of
+    the token-embedding table, where textual inversion and concept inversion start. Gaussian points around the
+    table's mean (the previous start) lie off the vocabulary; their pool left a hole that an attack from elsewhere
+    found (circle, one training seed of three: 4-token attack 37.5 % ASR, 0.0 % with vocabulary starts, n = 64)."""
     table = table.detach().float().cpu()  # prepare() moves the buffers to the device
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(ADV_RESTARTS * len(ADV_FORMS), ADV_TOKENS, table.shape[1], generator=g)
-    return table.mean(0) + table.std(0) * noise
+    rows = torch.randint(table.shape[0], (ADV_RESTARTS * len(ADV_FORMS), ADV_TOKENS), generator=g)
+    return table[rows].clone()
 
 
 def attack_form(attacked: str, prompt: str, n_tokens: int, placement: str) -> str:

@@ -181,10 +181,9 @@ def initial_attacks(table: torch.Tensor, seed: int) -> torch.Tensor:
     the token-embedding table, where textual inversion and concept inversion start. Gaussian points around the
     table's mean (the previous start) lie off the vocabulary; their pool left a hole that an attack from elsewhere
     found (circle, one training seed of three: 4-token attack 37.5 % ASR, 0.0 % with vocabulary starts, n = 64)."""
-    table = table.detach().float().cpu()  # prepare() moves the buffers to the device
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(table.shape[0], (ADV_RESTARTS * len(ADV_FORMS), ADV_TOKENS), generator=g)
-    return table[rows].clone()
+    return table.detach()[rows].float().cpu()  # a copy of 64 rows, not the table; prepare() moves it to the device
 
 
 def attack_form(attacked: str, prompt: str, n_tokens: int, placement: str) -> str:

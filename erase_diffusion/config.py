@@ -93,7 +93,8 @@ class CLIPEraseConfig:
         0.0, "adversarial CLIPErase: weight of the term that sends attack embeddings, learned against the model at "
              "every step, to the anchor (0: off; the measured recipe: --adversarial_weight 2 "
              "--token_consistency_weight 30 --max_train_steps 400 --rank 4)")
-    adversarial_steps: int = _arg(8, "adversarial CLIPErase: inner attack steps per training step")
+    adversarial_steps: int = _arg(16, "adversarial CLIPErase: inner attack steps per training step (with 8, the "
+                                      "evaluation's attacks did not converge on star: README, \"Inner steps\")")
     # what trains
     rank: int = _arg(8, "LoRA rank (and the SVD rank for --full_finetune)")
     lora_alpha: int | None = _arg(None, "default: rank")
